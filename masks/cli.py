@@ -1,0 +1,124 @@
+"""piggy-masks: learn a task, inspect an artifact, build or install the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from masks import artifact, data, demo, train
+from masks.backbones import BACKBONES, load_backbone
+from masks.errors import MasksError
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    backbone = load_backbone(args.backbone, args.weights)
+    dataset = data.load_dataset(args.data, seed=args.seed)
+    config = train.TrainConfig(
+        mode=args.baseline or "piggyback", epochs=args.epochs, batch_size=args.batch_size,
+        lr_mask=args.lr_mask, lr_head=args.lr_head, lr_finetune=args.lr_finetune,
+        threshold=args.threshold, train_bn=args.train_bn, input_size=args.input_size,
+        seed=args.seed, device=args.device,
+    )
+    result = train.train(backbone, dataset, config)
+    print(f"{config.mode}: held-out accuracy {100 * result.accuracy:.2f}% on "
+          f"{len(dataset.test.targets)} images; sparsity {100 * result.sparsity:.2f}%; "
+          f"{result.task_bytes:,} bytes per task; {result.seconds:.0f}s")
+    if args.baseline:
+        return
+    task = args.task or dataset.name
+    out = Path(args.out or f"{task}.safetensors")
+    artifact.write(train.to_artifact(result, backbone, dataset, config, task), out)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    art = artifact.read(args.file)
+    meta = art.metadata()
+    meta["labels"], meta["metrics"] = art.labels, art.metrics
+    print(json.dumps(meta, indent=2))
+    print(f"masks: {len(art.masks)} tensors, {sum(b.numel() for b in art.masks.values()):,} bytes")
+    if art.bn:
+        print(f"per-task BatchNorm: {len(art.bn)} tensors")
+    if not args.no_backbone:
+        backbone = load_backbone(art.backbone, args.weights)
+        artifact.validate(art, backbone)
+        print(f"valid for backbone {backbone.name} ({backbone.fingerprint[:16]}…)")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    backbone = demo.load_demo_backbone()
+    target = Path(args.out) if args.out else demo.demo_tasks_dir()
+    if args.rebuild:
+        rows = demo.build(target, backbone, baselines=args.baselines)
+        print(demo.accuracy_table(rows))
+        if args.report:
+            command = "piggy-masks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            Path(args.report).write_text(demo.report(rows, command))
+            print(f"wrote {args.report}")
+    else:
+        installed = demo.install(target, backbone)
+        print(f"installed {len(installed)} demo tasks into {target}")
+    print(demo.table_from_artifacts(target))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="piggy-masks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = train.TrainConfig()
+
+    t = sub.add_parser("train", help="learn a task (masks + head) into an artifact")
+    t.add_argument("--data", required=True,
+                   help=f"an ImageFolder directory or a demo data set: {', '.join(data.DEMO_DATASETS)}")
+    t.add_argument("--backbone", default=demo.DEMO_BACKBONE, choices=list(BACKBONES))
+    t.add_argument("--weights", help="local weights file, or 'random' (default: pretrained)")
+    t.add_argument("--task", help="task name (default: the data set's name)")
+    t.add_argument("--out", help="artifact path (default: TASK.safetensors)")
+    t.add_argument("--baseline", choices=["classifier-only", "finetune"],
+                   help="train a comparison model of the paper instead (no artifact)")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr-mask", type=float, default=d.lr_mask)
+    t.add_argument("--lr-head", type=float, default=d.lr_head)
+    t.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
+    t.add_argument("--threshold", type=float, default=d.threshold)
+    t.add_argument("--train-bn", action="store_true", help="per-task BatchNorm (in the artifact)")
+    t.add_argument("--input-size", type=int, default=d.input_size)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=d.device)
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.set_defaults(func=_train)
+
+    i = sub.add_parser("inspect", help="print an artifact's metadata and validate it")
+    i.add_argument("file")
+    i.add_argument("--weights", help="backbone weights file (default: pretrained)")
+    i.add_argument("--no-backbone", action="store_true", help="skip the backbone check")
+    i.set_defaults(func=_inspect)
+
+    m = sub.add_parser("demo", help="install (or --rebuild) the demo tasks")
+    m.add_argument("--rebuild", action="store_true", help="retrain the tasks from the data")
+    m.add_argument("--baselines", action="store_true",
+                   help="with --rebuild: also train classifier-only and finetune baselines")
+    m.add_argument("--report", help="with --rebuild: write the accuracy table here (markdown)")
+    m.add_argument("--out", help="target folder (default: $PIGGY_HOME/demo/tasks)")
+    m.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MasksError as exc:
+        print(f"piggy-masks: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
