@@ -1,0 +1,1 @@
+"""piggyback-serve's HTTP service: many Piggyback tasks on one shared backbone."""

@@ -1,0 +1,109 @@
+"""The application factory: create_app(settings) wires the parts; the lifespan owns them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from masks.backbones import Backbone
+from server import errors
+from server.batcher import Batcher
+from server.catalog import Catalog
+from server.engine import Engine
+from server.metrics import Metrics
+from server.registry import open_registry
+from server.routes import routers
+from server.settings import Settings
+from server.state import Services
+
+log = logging.getLogger("piggy.serve")
+
+DESCRIPTION = """Many image classifiers ("tasks") on one frozen backbone: each task is a
+binary mask over the backbone's weights plus a small head (Piggyback).
+Errors answer `{"error": {"code": "...", "message": "..."}}`."""
+
+
+def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
+    """A new app; `backbone` lets a caller that already loaded one (the CLI, tests) share it."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc = _services(settings, backbone)
+        app.state.services = svc
+        svc.batcher.start()
+        # The backbone loads in the background so /healthz and /readyz answer meanwhile.
+        svc.background.append(asyncio.create_task(_start(svc), name="piggy-startup"))
+        try:
+            yield
+        finally:
+            for task in svc.background:
+                task.cancel()
+            await asyncio.gather(*svc.background, return_exceptions=True)
+            await svc.batcher.close()
+            svc.engine.close()
+            await svc.registry.close()
+
+    app = FastAPI(
+        title="piggyback-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+    )
+    errors.install(app)
+    for router in routers:
+        app.include_router(router)
+    app.middleware("http")(_count_requests)
+    return app
+
+
+def _services(settings: Settings, backbone: Backbone | None) -> Services:
+    metrics = Metrics()
+    engine = Engine(settings, backbone)
+    batcher = Batcher(
+        engine, metrics, settings.max_batch_size, settings.max_delay_ms / 1000, settings.queue_size
+    )
+    svc = Services(
+        settings=settings,
+        metrics=metrics,
+        engine=engine,
+        registry=open_registry(settings.registry_url),
+        batcher=batcher,
+    )
+    metrics.watch(svc.snapshot)
+    return svc
+
+
+async def _start(svc: Services) -> None:
+    try:
+        await svc.registry.ping()
+        loaded = await svc.engine.start()
+    except Exception as exc:
+        svc.startup_error = f"{type(exc).__name__}: {exc}"
+        log.error("startup failed: %s", svc.startup_error)
+        return
+    catalog = Catalog(svc.registry, loaded, on_change=svc.engine.forget)
+    await catalog.refresh()
+    svc.catalog = catalog
+    log.info(
+        "ready: backbone %s on %s, %d tasks from %s",
+        loaded.name,
+        svc.engine.device,
+        len(catalog.tasks),
+        svc.registry.url,
+    )
+    svc.background.append(asyncio.create_task(catalog.watch(svc.settings.registry_rescan_s)))
+
+
+async def _count_requests(request: Request, call_next):
+    state = request.state  # created on the shared scope, so routes' notes reach us
+    response = await call_next(request)
+    svc: Services | None = getattr(request.app.state, "services", None)
+    if svc is not None:
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        task = getattr(state, "task", "")
+        svc.metrics.requests.labels(route, task, str(response.status_code)).inc()
+        code = getattr(state, "error_code", None)
+        if code:
+            svc.metrics.errors.labels(task, code).inc()
+    return response

@@ -1,0 +1,44 @@
+"""Request bodies read under a byte limit: refused early, never buffered past it."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import FormData
+from starlette.requests import Request as StarletteRequest
+
+from server.errors import BadRequest, PayloadTooLarge
+
+
+async def read_limited(request: Request, limit: int, what: str = "body") -> bytes:
+    """The whole body, or 413 as soon as Content-Length or the bytes received pass `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if size > limit:
+            raise PayloadTooLarge(f"{what} of {size:,} bytes is over the limit of {limit:,}")
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:  # chunked uploads have no Content-Length to check first
+            raise PayloadTooLarge(f"{what} is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(request: Request, body: bytes, max_files: int) -> FormData:
+    """Multipart form of an already read body (Starlette parses from a replayed stream)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await StarletteRequest(request.scope, replay).form(
+        max_files=max_files, max_fields=max_files + 16
+    )

@@ -1,0 +1,148 @@
+"""The tasks this server knows: the registry's artifacts, parsed and validated once each.
+
+The registry may change under us (another process writing the folder, another replica),
+so the catalog rescans it on a short interval and whenever a name is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from masks import artifact as artifacts
+from masks.artifact import TaskArtifact
+from masks.backbones import Backbone
+from masks.errors import ArtifactError
+from server.errors import RegistryUnavailable, TaskNotFound
+from server.registry import Entry, Registry, RegistryError
+
+log = logging.getLogger("piggy.serve")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One servable task: the validated artifact under the name the registry gives it."""
+
+    name: str
+    version: str
+    size_bytes: int
+    artifact: TaskArtifact
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.version
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of masked weights switched off, as the artifact's metrics record it."""
+        return self.artifact.metrics.get("sparsity", 0.0)
+
+
+def parse(data: bytes, backbone: Backbone) -> TaskArtifact:
+    """read + validate against the served backbone; raises ArtifactError naming the field."""
+    return artifacts.load(data, backbone)
+
+
+class Catalog:
+    def __init__(
+        self,
+        registry: Registry,
+        backbone: Backbone,
+        on_change: Callable[[str], None] = lambda name: None,
+    ):
+        self.registry = registry
+        self.backbone = backbone
+        self.on_change = on_change  # called with a name whose artifact went away or changed
+        self.tasks: dict[str, Task] = {}
+        self.registry_error: str | None = None
+        self._rejected: dict[str, str] = {}  # version -> why, so a bad file is parsed once
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        """Bring the known tasks in line with the registry; keep serving if it is down."""
+        async with self._lock:
+            try:
+                entries = await self.registry.list()
+                for name in set(self.tasks) - set(entries):
+                    self._forget(name)
+                for name, entry in entries.items():
+                    known = self.tasks.get(name)
+                    if known is None or known.version != entry.version:
+                        await self._load(entry)
+                self.registry_error = None
+            except RegistryError as exc:
+                if self.registry_error is None:
+                    log.error("registry unreachable: %s", exc)
+                self.registry_error = str(exc)
+
+    async def _load(self, entry: Entry) -> None:
+        if entry.version in self._rejected:
+            return
+        found = await self.registry.read(entry.name)
+        if found is None:
+            self._forget(entry.name)
+            return
+        data, entry = found
+        try:
+            art = await asyncio.to_thread(parse, data, self.backbone)
+        except ArtifactError as exc:
+            log.warning("skipping task %s: invalid artifact: %s", entry.name, exc)
+            self._rejected[entry.version] = str(exc)
+            self._forget(entry.name)
+            return
+        self._remember(Task(entry.name, entry.version, entry.size, art))
+
+    def _remember(self, task: Task) -> None:
+        if task.name in self.tasks:
+            self.on_change(task.name)
+        self.tasks[task.name] = task
+        log.info(
+            "task %s: %d labels (version %s)", task.name, len(task.artifact.labels), task.version
+        )
+
+    def _forget(self, name: str) -> None:
+        if self.tasks.pop(name, None) is not None:
+            self.on_change(name)
+            log.info("task %s removed", name)
+
+    async def get(self, name: str) -> Task:
+        """The task called `name`; looks at the registry again before saying 404."""
+        task = self.tasks.get(name)
+        if task is None:
+            await self.refresh()
+            task = self.tasks.get(name)
+        if task is None:
+            raise TaskNotFound(f"no task named {name!r}")
+        return task
+
+    async def put(self, name: str, data: bytes) -> Task:
+        """Validate, then store: an invalid artifact never reaches the registry."""
+        art = await asyncio.to_thread(parse, data, self.backbone)
+        async with self._lock:
+            try:
+                entry = await self.registry.put(name, data)
+            except RegistryError as exc:
+                raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+            task = Task(name, entry.version, entry.size, art)
+            self._remember(task)
+            return task
+
+    async def delete(self, name: str) -> bool:
+        async with self._lock:
+            try:
+                removed = await self.registry.delete(name)
+            except RegistryError as exc:
+                raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+            self._forget(name)
+            return removed
+
+    async def watch(self, interval_s: float) -> None:
+        """Rescan forever (run as a background task)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a bad rescan must not end the watcher
+                log.exception("registry rescan failed")

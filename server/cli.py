@@ -1,0 +1,80 @@
+"""piggy-serve: run the server with uvicorn (`--demo`: the bundled offline demo)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from masks.errors import MasksError
+from server.settings import Settings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="piggy-serve", description=__doc__)
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the demo backbone and tasks from $PIGGY_HOME/demo/tasks, "
+        "installing them there first if absent",
+    )
+    p.add_argument("--host", help="listen address (default PIGGY_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default PIGGY_PORT or 8000)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.demo:
+        from masks.demo import DEMO_BACKBONE
+
+        overrides.update(demo=True, backbone=DEMO_BACKBONE)
+    return Settings(**overrides)
+
+
+def prepare_demo(settings: Settings):
+    """Install the bundled demo tasks into the demo folder if it has none; the backbone."""
+    from pathlib import Path
+
+    from masks import demo
+    from masks.backbones import load_backbone
+
+    backbone = load_backbone(settings.backbone, settings.backbone_weights)
+    folder = Path(settings.registry_url.removeprefix("dir:"))
+    if settings.registry_url.startswith("dir:") and not any(folder.glob("*.safetensors")):
+        installed = demo.install(folder, backbone)
+        print(f"piggy-serve: installed {len(installed)} demo tasks into {folder}", flush=True)
+    return backbone
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from(args)
+    backbone = None
+    if settings.demo:
+        try:
+            backbone = prepare_demo(settings)
+        except MasksError as exc:
+            print(
+                f"piggy-serve: error: {exc}\n(run `piggy-masks demo --rebuild` to build the "
+                "demo tasks)",
+                file=sys.stderr,
+            )
+            return 1
+    app = create_app(settings, backbone)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Bytes to tensors off the event loop, with the task's own input size, mean and std."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from masks.artifact import TaskArtifact
+from masks.data import to_tensor
+from server.errors import NotAnImage, PayloadTooLarge
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """A decoded image, or 415 (not an image) / 413 (too many pixels, decompression bomb)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            # Checked from the header, before a single pixel is decoded.
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height} = {width * height:,} pixels; "
+                    f"the limit is {max_pixels:,}"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image rejected as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise NotAnImage(f"not a supported image (accepted: {', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
+        raise NotAnImage(f"image could not be decoded: {exc}") from None
+    return image
+
+
+def prepare(blobs: list[bytes], artifact: TaskArtifact, max_pixels: int) -> list[torch.Tensor]:
+    """Decode and run masks' own preprocessing, exactly as in training."""
+    return [
+        to_tensor(decode(blob, max_pixels), artifact.input_size, artifact.mean, artifact.std)
+        for blob in blobs
+    ]
+
+
+async def prepare_async(
+    blobs: list[bytes], artifact: TaskArtifact, max_pixels: int
+) -> list[torch.Tensor]:
+    return await asyncio.to_thread(prepare, blobs, artifact, max_pixels)

@@ -1,0 +1,49 @@
+"""The registry contract: names to raw artifact bytes, each with a version tag."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def valid_name(name: str) -> bool:
+    """Task names become file names and keys: no separators, no dots, bounded length."""
+    return bool(_NAME.fullmatch(name))
+
+
+class RegistryError(Exception):
+    """The registry can't be reached or can't do what was asked."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    version: str  # changes whenever the artifact behind the name changes
+    size: int
+
+
+class Registry(Protocol):
+    """Raw artifact storage. Validation is the caller's job: it happens before `put`."""
+
+    url: str
+
+    async def ping(self) -> None:
+        """Raise RegistryError when the backend can't be reached."""
+
+    async def list(self) -> dict[str, Entry]:
+        """Every stored task, by name."""
+
+    async def read(self, name: str) -> tuple[bytes, Entry] | None:
+        """The artifact's bytes and entry, or None when there is no such task."""
+
+    async def put(self, name: str, data: bytes) -> Entry:
+        """Store (or atomically replace) a task's artifact."""
+
+    async def delete(self, name: str) -> bool:
+        """Remove a task; False when it wasn't there."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,100 @@
+"""POST /predict: route → preprocess → batcher → engine → response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from server.body import parse_form, read_limited
+from server.errors import BadRequest, NotAnImage, Timeout, responses
+from server.preprocess import prepare_async
+from server.schemas import ImageResult, Prediction, Score
+from server.settings import Settings
+from server.state import ServicesDep
+
+router = APIRouter(tags=["predict"])
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One raw image (an image/* content type), or multipart/form-data "
+        "with one or more `file` fields (several images, answered in order).",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+        },
+    }
+}
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+@router.post(
+    "/predict",
+    response_model=Prediction,
+    openapi_extra=_BODY,
+    responses=responses(400, 404, 413, 415, 503, 504),
+    summary="Classify one or more images with a task",
+)
+async def predict(
+    request: Request,
+    svc: ServicesDep,
+    task: Annotated[str, Query(description="name of a registered task")],
+    top_k: Annotated[int, Query(ge=1, description="labels per image; clamped to label count")] = 5,
+) -> Prediction:
+    started = time.perf_counter()
+    found = await svc.require_catalog().get(task)
+    request.state.task = found.name
+    settings = svc.settings
+    blobs = await _images(request, settings)
+    tensors = await prepare_async(blobs, found.artifact, settings.max_pixels)
+    remaining = settings.request_timeout_s - (time.perf_counter() - started)
+    try:
+        probs = await asyncio.wait_for(svc.batcher.submit(found, tensors), max(remaining, 0))
+    except TimeoutError:
+        raise Timeout(f"no answer within {settings.request_timeout_s:g}s") from None
+    svc.metrics.images.labels(found.name).inc(len(blobs))
+    labels = found.artifact.labels
+    k = min(top_k, len(labels))
+    results = []
+    for p in probs:
+        scores, indices = p.topk(k)
+        results.append(
+            ImageResult(
+                top=[
+                    Score(label=labels[i], index=i, score=s)
+                    for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+                ]
+            )
+        )
+    latency_ms = 1000 * (time.perf_counter() - started)
+    return Prediction(task=found.name, results=results, latency_ms=round(latency_ms, 3))
+
+
+async def _images(request: Request, settings: Settings) -> list[bytes]:
+    content_type = request.headers.get("content-type", "").lower()
+    body = await read_limited(request, settings.max_body_bytes, "request body")
+    if content_type.startswith("multipart/form-data"):
+        form = await parse_form(request, body, settings.max_images)
+        files = [f for f in form.getlist("file") if not isinstance(f, str)]
+        if not files:
+            raise BadRequest("multipart body has no `file` field with an image")
+        return [await f.read() for f in files]
+    if content_type and not content_type.startswith(RAW_TYPES):
+        raise NotAnImage(
+            f"content type {content_type!r} is not an image; send image/* "
+            "bytes or multipart/form-data with `file` fields"
+        )
+    if not body:
+        raise BadRequest("empty body: send an image")
+    return [body]

@@ -1,0 +1,91 @@
+"""GET/PUT/DELETE /tasks: list, inspect, upload and remove tasks."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from server.body import read_limited
+from server.errors import BadRequest, Forbidden, TaskNotFound, Unauthorized, responses
+from server.registry import NAME_PATTERN, valid_name
+from server.schemas import TaskInfo, TaskList
+from server.state import ServicesDep
+
+router = APIRouter(tags=["tasks"])
+TaskName = Annotated[str, Path(description=f"task name, {NAME_PATTERN}")]
+
+
+def require_admin(request: Request, svc: ServicesDep) -> None:
+    """Bearer admin token, when one is set: 401 without one, 403 when it is wrong."""
+    token = svc.settings.admin_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise Unauthorized("this route needs Authorization: Bearer <admin token>")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("wrong admin token")
+
+
+def _checked(name: str) -> str:
+    if not valid_name(name):
+        raise BadRequest(f"invalid task name {name!r}: must match {NAME_PATTERN}")
+    return name
+
+
+@router.get(
+    "/tasks", response_model=TaskList, responses=responses(503), summary="Every registered task"
+)
+async def list_tasks(svc: ServicesDep) -> TaskList:
+    catalog = svc.require_catalog()
+    return TaskList(tasks=[TaskInfo.of(t) for _, t in sorted(catalog.tasks.items())])
+
+
+@router.get(
+    "/tasks/{name}", response_model=TaskInfo, responses=responses(404, 503), summary="One task"
+)
+async def get_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskInfo:
+    task = await svc.require_catalog().get(name)
+    request.state.task = task.name
+    return TaskInfo.of(task)
+
+
+@router.put(
+    "/tasks/{name}",
+    response_model=TaskInfo,
+    status_code=201,
+    dependencies=[Depends(require_admin)],
+    responses=responses(400, 401, 403, 413, 422, 503),
+    summary="Upload (or replace) a task: the artifact file as the raw body",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskInfo:
+    name = _checked(name)
+    catalog = svc.require_catalog()
+    data = await read_limited(request, svc.settings.max_artifact_bytes, "artifact")
+    task = await catalog.put(name, data)  # ArtifactError → 422, registry untouched
+    request.state.task = task.name
+    return TaskInfo.of(task)
+
+
+@router.delete(
+    "/tasks/{name}",
+    status_code=204,
+    dependencies=[Depends(require_admin)],
+    responses=responses(400, 401, 403, 404, 503),
+    summary="Remove a task",
+)
+async def delete_task(name: TaskName, svc: ServicesDep) -> Response:
+    name = _checked(name)
+    if not await svc.require_catalog().delete(name):
+        raise TaskNotFound(f"no task named {name!r}")
+    return Response(status_code=204)

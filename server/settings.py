@@ -1,0 +1,60 @@
+"""Settings, read once from the environment (PIGGY_ prefix) and passed in, never global."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "piggyback-serve"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; see DESIGN.md's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="PIGGY_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home)
+    backbone: str = "efficientnet_lite0"
+    # None: the pretrained weights (package or torchvision cache); a path; or "random".
+    backbone_weights: str | None = None
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # "dir:/path" or "redis://host:port/db"; None: a folder under home.
+    registry: str | None = None
+    registry_rescan_s: float = Field(1.0, gt=0)
+    demo: bool = False
+
+    max_batch_size: int = Field(32, ge=1)
+    max_delay_ms: float = Field(5.0, ge=0)
+    queue_size: int = Field(256, ge=1)
+    cache_bytes: int = Field(1024 * MiB, ge=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    max_body_bytes: int = Field(16 * MiB, ge=1)
+    max_artifact_bytes: int = Field(256 * MiB, ge=1)
+    max_pixels: int = Field(Image.MAX_IMAGE_PIXELS or 89_478_485, ge=1)
+    max_images: int = Field(64, ge=1)
+
+    admin_token: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value and value.get_secret_value() else None
+
+    @property
+    def registry_url(self) -> str:
+        if self.registry:
+            return self.registry
+        folder = self.home / "demo" / "tasks" if self.demo else self.home / "tasks"
+        return f"dir:{folder}"

@@ -1,0 +1,125 @@
+"""Helpers for the server tests: a small random backbone, hand-made task artifacts,
+reference predictions computed offline with masks.inference, and an in-process client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from masks import inference
+from masks.artifact import TaskArtifact, pack_mask
+from masks.backbones import Backbone
+from masks.data import to_tensor
+from server.app import create_app
+from server.settings import Settings
+
+BACKBONE = "resnet18"  # random-init (seeded), so tests need no weights and no network
+INPUT_SIZE = 32
+TASKS = ("alpha", "beta", "gamma", "delta")
+
+
+def make_artifact(
+    backbone: Backbone,
+    task: str,
+    n_labels: int = 5,
+    seed: int = 0,
+    input_size: int = INPUT_SIZE,
+    keep: float = 0.9,
+) -> TaskArtifact:
+    """A valid artifact with random masks and head; labels are prefixed by the task name."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {
+        name: pack_mask(torch.rand(w.shape, generator=g) < keep)
+        for name, w in backbone.maskable().items()
+    }
+    head = torch.randn(n_labels, backbone.num_features, generator=g)
+    return TaskArtifact(
+        task=task,
+        backbone=backbone.name,
+        backbone_sha256=backbone.fingerprint,
+        labels=[f"{task}-{i}" for i in range(n_labels)],
+        masks=masks,
+        head_weight=head / backbone.num_features**0.5,
+        head_bias=torch.zeros(n_labels),
+        threshold=5e-3,
+        input_size=input_size,
+        mean=backbone.mean,
+        std=backbone.std,
+        metrics={"accuracy": 0.5, "sparsity": 1 - keep, "dataset": "synthetic"},
+    )
+
+
+def png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Reference:
+    """Offline answers: the masked model run directly, no server involved."""
+
+    backbone: Backbone
+    artifacts: dict[str, TaskArtifact]
+
+    def probs(self, task: str, image: bytes) -> torch.Tensor:
+        art = self.artifacts[task]
+        x = to_tensor(Image.open(io.BytesIO(image)), art.input_size, art.mean, art.std)
+        with torch.inference_mode():
+            params = inference.materialise(art, self.backbone)
+            return torch.softmax(inference.forward(self.backbone, params, x[None]), -1)[0]
+
+    def check(self, task: str, image: bytes, result: dict, top_k: int = 3) -> None:
+        """Same top-k labels as offline, probabilities within 1e-5."""
+        expected = self.probs(task, image)
+        scores, indices = expected.topk(min(top_k, len(expected)))
+        labels = self.artifacts[task].labels
+        assert [t["label"] for t in result["top"]] == [labels[i] for i in indices.tolist()]
+        got = torch.tensor([t["score"] for t in result["top"]])
+        assert torch.allclose(got, scores, atol=1e-5, rtol=0), (got, scores)
+
+
+def settings_for(home: Path, registry: Path, **overrides) -> Settings:
+    values = dict(
+        home=home,
+        registry=f"dir:{registry}",
+        backbone=BACKBONE,
+        backbone_weights="random",
+        device="cpu",
+        max_delay_ms=2,
+        registry_rescan_s=0.2,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def serving(settings: Settings, backbone: Backbone | None = None):
+    """An app run in-process (lifespan included) and an httpx client talking to it."""
+    app = create_app(settings, backbone)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://piggy") as client:
+            await wait_ready(client)
+            client.app = app
+            yield client
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if (await client.get("/readyz")).status_code == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not ready after {timeout_s}s: {(await client.get('/readyz')).text}")
