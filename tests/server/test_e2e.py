@@ -1,0 +1,125 @@
+"""End to end over real HTTP: `piggy-serve` started as a user would, on a loopback port."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import TASKS, Reference, png
+
+from masks import artifact as artifacts
+from masks import demo
+
+STARTUP_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command() -> list[str]:
+    script = shutil.which("piggy-serve", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "server"]
+
+
+@contextmanager
+def piggy_serve(tmp_path: Path, *args: str, **env: str):
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
+    environ.update(PIGGY_HOME=str(tmp_path / "home"), **env)
+    proc = subprocess.Popen(
+        [*command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
+        env=environ,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + STARTUP_S
+            while True:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+            yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_console_script_serves_the_offline_answers(tmp_path, registry_dir, reference):
+    env = dict(
+        PIGGY_BACKBONE="resnet18",
+        PIGGY_BACKBONE_WEIGHTS="random",
+        PIGGY_REGISTRY=f"dir:{registry_dir}",
+        PIGGY_ADMIN_TOKEN="t0ken",
+    )
+    with piggy_serve(tmp_path, **env) as client:
+        for i, task in enumerate(TASKS):
+            images = [png(300 + i), png(400 + i, size=(64, 33))]
+            files = [("file", (f"{j}.png", img, "image/png")) for j, img in enumerate(images)]
+            r = client.post(f"/predict?task={task}&top_k=3", files=files)
+            assert r.status_code == 200, r.text
+            for image, result in zip(images, r.json()["results"], strict=True):
+                reference.check(task, image, result, top_k=3)
+
+        data = (registry_dir / "alpha.safetensors").read_bytes()
+        auth = {"Authorization": "Bearer t0ken"}
+        assert client.put("/tasks/fresh", content=data).status_code == 401
+        assert client.put("/tasks/fresh", content=data, headers=auth).status_code == 201
+        image = png(500)
+        r = client.post("/predict?task=fresh", content=image, headers={"content-type": "image/png"})
+        reference.check("alpha", image, r.json()["results"][0])
+        assert client.delete("/tasks/fresh", headers=auth).status_code == 204
+        assert client.post("/predict?task=fresh", content=image).status_code == 404
+
+        text = client.get("/metrics").text
+        assert 'piggy_requests_total{route="/predict",status="200",task="beta"} 1.0' in text
+        assert "piggy_tasks_registered 4.0" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(demo.BUNDLED_DIR.glob("*.safetensors")), reason="no bundled demo tasks built yet"
+)
+def test_demo_mode_installs_and_serves_the_demo_tasks(tmp_path):
+    with piggy_serve(tmp_path, "--demo") as client:
+        folder = demo.demo_tasks_dir(tmp_path / "home")
+        installed = sorted(p.stem for p in folder.glob("*.safetensors"))
+        assert installed == sorted(p.stem for p in demo.BUNDLED_DIR.glob("*.safetensors"))
+        listing = client.get("/tasks").json()["tasks"]
+        assert [t["name"] for t in listing] == installed
+        reference = Reference(
+            demo.load_demo_backbone(),
+            {name: artifacts.read(folder / f"{name}.safetensors") for name in installed},
+        )
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png(600, size=(80, 60)))).convert("L").save(buf, format="PNG")
+        for name in installed:
+            r = client.post(f"/predict?task={name}&top_k=3", content=buf.getvalue())
+            assert r.status_code == 200, r.text
+            reference.check(name, buf.getvalue(), r.json()["results"][0], top_k=3)

@@ -1,0 +1,91 @@
+"""The task lifecycle: upload, serve, replace, delete; the folder changed by others."""
+
+import shutil
+
+import pytest
+from server_support import make_artifact, png, serving, until
+
+from masks import artifact as artifacts
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_put_predict_delete_then_404(settings, registry_dir, backbone, reference):
+    data = (registry_dir / "gamma.safetensors").read_bytes()
+    image = png(11)
+    async with serving(settings, backbone) as client:
+        r = await client.put(
+            "/tasks/uploaded", content=data, headers={"content-type": "application/octet-stream"}
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["name"] == "uploaded" and r.json()["size_bytes"] == len(data)
+        assert (registry_dir / "uploaded.safetensors").read_bytes() == data
+        assert not [p for p in registry_dir.iterdir() if p.name.startswith(".")]  # no temp left
+
+        r = await client.post("/predict?task=uploaded", content=image)
+        assert r.status_code == 200 and r.json()["task"] == "uploaded"
+        reference.check("gamma", image, r.json()["results"][0])  # same artifact as gamma
+
+        assert (await client.delete("/tasks/uploaded")).status_code == 204
+        assert not (registry_dir / "uploaded.safetensors").exists()
+        r = await client.post("/predict?task=uploaded", content=image)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
+        assert (await client.delete("/tasks/uploaded")).status_code == 404
+
+
+async def test_replacing_a_task_serves_the_new_weights(settings, registry_dir, backbone, reference):
+    image = png(12)
+    async with serving(settings, backbone) as client:
+        first = (await client.post("/predict?task=alpha", content=image)).json()
+        reference.check("alpha", image, first["results"][0])
+        old = client.app.state.services.catalog.tasks["alpha"].key
+        data = (registry_dir / "beta.safetensors").read_bytes()
+        assert (await client.put("/tasks/alpha", content=data)).status_code == 201
+        second = (await client.post("/predict?task=alpha", content=image)).json()
+        reference.check("beta", image, second["results"][0])
+        cache = client.app.state.services.engine.cache
+        assert cache.get(old) is None  # the replaced weights were dropped
+
+
+async def test_files_added_and_removed_by_another_process(
+    settings, registry_dir, task_files, backbone, reference
+):
+    image = png(13)
+    async with serving(settings, backbone) as client:
+        shutil.copy(task_files["delta"], registry_dir / "late.safetensors")
+        # A miss rescans at once; no need to wait for the interval.
+        r = await client.post("/predict?task=late", content=image)
+        assert r.status_code == 200, r.text
+        reference.check("delta", image, r.json()["results"][0])
+
+        (registry_dir / "beta.safetensors").unlink()
+        catalog = client.app.state.services.catalog
+        await until(lambda: "beta" not in catalog.tasks, timeout_s=5)
+        assert (await client.post("/predict?task=beta", content=image)).status_code == 404
+        names = [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]
+        assert "beta" not in names and "late" in names
+
+
+async def test_a_bad_file_in_the_folder_is_skipped_not_fatal(
+    settings, registry_dir, backbone, reference
+):
+    foreign = make_artifact(backbone, "foreign", seed=3)
+    foreign.backbone_sha256 = "f" * 64
+    artifacts.write(foreign, registry_dir / "foreign.safetensors")
+    (registry_dir / "junk.safetensors").write_bytes(b"not an artifact")
+    (registry_dir / "not a task.safetensors").write_bytes(b"ignored: invalid name")
+    async with serving(settings, backbone) as client:
+        names = [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]
+        assert names == ["alpha", "beta", "delta", "gamma"]
+        assert (await client.post("/predict?task=foreign", content=png(1))).status_code == 404
+        image = png(14)
+        r = await client.post("/predict?task=alpha", content=image)
+        reference.check("alpha", image, r.json()["results"][0])
+
+
+async def test_the_url_names_the_task_not_the_artifact(settings, registry_dir, backbone):
+    data = artifacts.to_bytes(make_artifact(backbone, "inner-name", seed=5))
+    async with serving(settings, backbone) as client:
+        assert (await client.put("/tasks/outer", content=data)).status_code == 201
+        assert (await client.get("/tasks/outer")).json()["name"] == "outer"
+        assert (await client.get("/tasks/inner-name")).status_code == 404
