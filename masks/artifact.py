@@ -34,8 +34,17 @@ from masks.errors import ArtifactError
 
 FORMAT_VERSION = "1"
 METADATA_FIELDS = (
-    "format", "task", "backbone", "backbone_sha256", "labels", "threshold",
-    "input_size", "mean", "std", "metrics", "created",
+    "format",
+    "task",
+    "backbone",
+    "backbone_sha256",
+    "labels",
+    "threshold",
+    "input_size",
+    "mean",
+    "std",
+    "metrics",
+    "created",
 )
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 

@@ -98,8 +98,10 @@ def _efficientnet_lite0_weights(model: nn.Module, weights_path: str | None) -> N
     renamed = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
-            raise BackboneError(f"{weights_path}: {src_key} {tuple(tensor.shape)} does not fit "
-                                f"{dst_key} {tuple(expected.shape)}")
+            raise BackboneError(
+                f"{weights_path}: {src_key} {tuple(tensor.shape)} does not fit "
+                f"{dst_key} {tuple(expected.shape)}"
+            )
         renamed[dst_key] = tensor
     model.load_state_dict(renamed)
 
@@ -158,13 +160,19 @@ def _tv(name: str) -> Callable[[], nn.Module]:
 
 
 def _tv_spec(name: str, enum: str, classifier: str) -> BackboneSpec:
-    return BackboneSpec(name, _tv(name), classifier, 224, IMAGENET_MEAN, IMAGENET_STD,
-                        _torchvision_weights(enum))
+    return BackboneSpec(
+        name, _tv(name), classifier, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_weights(enum)
+    )
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", _timm("tf_efficientnet_lite0"), "classifier", 224, TF_MEAN, TF_STD,
+        "efficientnet_lite0",
+        _timm("tf_efficientnet_lite0"),
+        "classifier",
+        224,
+        TF_MEAN,
+        TF_STD,
         _efficientnet_lite0_weights,
     ),
     "resnet18": _tv_spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),

@@ -20,15 +20,24 @@ def _train(args: argparse.Namespace) -> None:
     backbone = load_backbone(args.backbone, args.weights)
     dataset = data.load_dataset(args.data, seed=args.seed)
     config = train.TrainConfig(
-        mode=args.baseline or "piggyback", epochs=args.epochs, batch_size=args.batch_size,
-        lr_mask=args.lr_mask, lr_head=args.lr_head, lr_finetune=args.lr_finetune,
-        threshold=args.threshold, train_bn=args.train_bn, input_size=args.input_size,
-        seed=args.seed, device=args.device,
+        mode=args.baseline or "piggyback",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_mask=args.lr_mask,
+        lr_head=args.lr_head,
+        lr_finetune=args.lr_finetune,
+        threshold=args.threshold,
+        train_bn=args.train_bn,
+        input_size=args.input_size,
+        seed=args.seed,
+        device=args.device,
     )
     result = train.train(backbone, dataset, config)
-    print(f"{config.mode}: held-out accuracy {100 * result.accuracy:.2f}% on "
-          f"{len(dataset.test.targets)} images; sparsity {100 * result.sparsity:.2f}%; "
-          f"{result.task_bytes:,} bytes per task; {result.seconds:.0f}s")
+    print(
+        f"{config.mode}: held-out accuracy {100 * result.accuracy:.2f}% on "
+        f"{len(dataset.test.targets)} images; sparsity {100 * result.sparsity:.2f}%; "
+        f"{result.task_bytes:,} bytes per task; {result.seconds:.0f}s"
+    )
     if args.baseline:
         return
     task = args.task or dataset.name
@@ -73,14 +82,20 @@ def parser() -> argparse.ArgumentParser:
     d = train.TrainConfig()
 
     t = sub.add_parser("train", help="learn a task (masks + head) into an artifact")
-    t.add_argument("--data", required=True,
-                   help=f"an ImageFolder directory or a demo data set: {', '.join(data.DEMO_DATASETS)}")
+    t.add_argument(
+        "--data",
+        required=True,
+        help=f"an ImageFolder directory or a demo data set: {', '.join(data.DEMO_DATASETS)}",
+    )
     t.add_argument("--backbone", default=demo.DEMO_BACKBONE, choices=list(BACKBONES))
     t.add_argument("--weights", help="local weights file, or 'random' (default: pretrained)")
     t.add_argument("--task", help="task name (default: the data set's name)")
     t.add_argument("--out", help="artifact path (default: TASK.safetensors)")
-    t.add_argument("--baseline", choices=["classifier-only", "finetune"],
-                   help="train a comparison model of the paper instead (no artifact)")
+    t.add_argument(
+        "--baseline",
+        choices=["classifier-only", "finetune"],
+        help="train a comparison model of the paper instead (no artifact)",
+    )
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr-mask", type=float, default=d.lr_mask)
@@ -102,8 +117,11 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="install (or --rebuild) the demo tasks")
     m.add_argument("--rebuild", action="store_true", help="retrain the tasks from the data")
-    m.add_argument("--baselines", action="store_true",
-                   help="with --rebuild: also train classifier-only and finetune baselines")
+    m.add_argument(
+        "--baselines",
+        action="store_true",
+        help="with --rebuild: also train classifier-only and finetune baselines",
+    )
     m.add_argument("--report", help="with --rebuild: write the accuracy table here (markdown)")
     m.add_argument("--out", help="target folder (default: $PIGGY_HOME/demo/tasks)")
     m.set_defaults(func=_demo)

@@ -20,8 +20,16 @@ from masks.errors import MasksError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = [
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 ]
 
 
@@ -144,8 +152,10 @@ def _idx(path: Path) -> np.ndarray:
 def fashion_mnist(seed: int = 0, train_size: int = 5000, test_size: int = 1000) -> LabelledData:
     """Fashion-MNIST from Debian's dataset-fashion-mnist, stratified subsamples of both sets."""
     if not fashion_mnist_available():
-        raise MasksError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR} "
-                         "(apt-get install dataset-fashion-mnist)")
+        raise MasksError(
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR} "
+            "(apt-get install dataset-fashion-mnist)"
+        )
     parts = {}
     for split, prefix, size in (("train", "train", train_size), ("test", "t10k", test_size)):
         images = _idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
@@ -180,8 +190,9 @@ def image_folder(root: str | Path, seed: int = 0, test_fraction: float = 0.2) ->
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         paths.extend(files)
         targets.extend([index] * len(files))
-    return _split(root.name, classes, np.array(paths, dtype=object), np.array(targets),
-                  test_fraction, seed)
+    return _split(
+        root.name, classes, np.array(paths, dtype=object), np.array(targets), test_fraction, seed
+    )
 
 
 def load_dataset(source: str, seed: int = 0) -> LabelledData:

@@ -54,10 +54,11 @@ def install(target: Path, backbone: Backbone, source: Path = BUNDLED_DIR) -> lis
     bundled = sorted(source.glob("*.safetensors"))
     if not bundled:
         raise ArtifactError("demo", f"no bundled demo tasks in {source}; run with --rebuild")
+    for path in bundled:  # all of them first: install everything or nothing
+        artifact.load(path, backbone)  # raises naming the field (e.g. backbone_sha256)
     target.mkdir(parents=True, exist_ok=True)
     installed = []
     for path in bundled:
-        artifact.load(path, backbone)  # raises naming the field (e.g. backbone_sha256)
         dest = target / path.name
         tmp = dest.with_suffix(".tmp")
         shutil.copyfile(path, tmp)
@@ -76,8 +77,12 @@ def build(target: Path, backbone: Backbone, tasks=None, baselines: bool = False,
     for task in tasks or available_tasks():
         dataset = data.load_dataset(task.dataset)
         modes = train.MODES if baselines else ("piggyback",)
-        row = {"task": task.name, "train": len(dataset.train.targets),
-               "test": len(dataset.test.targets), "epochs": task.epochs}
+        row = {
+            "task": task.name,
+            "train": len(dataset.train.targets),
+            "test": len(dataset.test.targets),
+            "epochs": task.epochs,
+        }
         for mode in modes:
             config = config_for(task, mode, **overrides)
             result = train.train(backbone, dataset, config)
@@ -86,8 +91,11 @@ def build(target: Path, backbone: Backbone, tasks=None, baselines: bool = False,
                 art = train.to_artifact(result, backbone, dataset, config, task.name)
                 artifact.write(art, target / f"{task.name}.safetensors")
                 row["artifact_bytes"] = (target / f"{task.name}.safetensors").stat().st_size
-            print(f"{task.name:14s} {mode:16s} acc {result.accuracy:.4f}  "
-                  f"sparsity {result.sparsity:.4f}  {result.seconds:.0f}s", flush=True)
+            print(
+                f"{task.name:14s} {mode:16s} acc {result.accuracy:.4f}  "
+                f"sparsity {result.sparsity:.4f}  {result.seconds:.0f}s",
+                flush=True,
+            )
         rows.append(row)
     return rows
 
@@ -102,19 +110,26 @@ def accuracy_table(rows: list[dict]) -> str:
         accs = " | ".join(f"{100 * r[m].accuracy:.2f}%" if m in r else "" for m in modes)
         sizes = " | ".join(f"{r[m].task_bytes:,}" if m in r else "" for m in modes)
         sparsity = f"{100 * r['piggyback'].sparsity:.2f}%" if "piggyback" in r else ""
-        lines.append(f"| {r['task']} | {r['train']} / {r['test']} | {r['epochs']} | {accs} | "
-                     f"{sparsity} | {sizes} |")
+        lines.append(
+            f"| {r['task']} | {r['train']} / {r['test']} | {r['epochs']} | {accs} | "
+            f"{sparsity} | {sizes} |"
+        )
     return "\n".join(lines)
 
 
 def table_from_artifacts(folder: Path) -> str:
     """The accuracy table of already built tasks, read from their metrics."""
-    lines = ["| task | dataset | held-out accuracy | sparsity | file bytes |", "|---|---|---|---|---|"]
+    lines = [
+        "| task | dataset | held-out accuracy | sparsity | file bytes |",
+        "|---|---|---|---|---|",
+    ]
     for path in sorted(folder.glob("*.safetensors")):
         art = artifact.read(path)
         m = art.metrics
-        lines.append(f"| {art.task} | {m.get('dataset')} | {100 * m.get('accuracy', 0):.2f}% | "
-                     f"{100 * m.get('sparsity', 0):.2f}% | {path.stat().st_size:,} |")
+        lines.append(
+            f"| {art.task} | {m.get('dataset')} | {100 * m.get('accuracy', 0):.2f}% | "
+            f"{100 * m.get('sparsity', 0):.2f}% | {path.stat().st_size:,} |"
+        )
     return "\n".join(lines)
 
 

@@ -121,7 +121,9 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
     model = build_model(backbone, len(data.labels), config).to(device)
     train_set = preprocess_all(data.train, config.input_size, backbone.mean, backbone.std)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=config.batch_size, shuffle=True,
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
     optimizer = _optimizer(model, config)
@@ -130,8 +132,12 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(config.epochs):
         model.train()
-        bar = tqdm(loader, desc=f"{data.name} {config.mode} {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"{data.name} {config.mode} {epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            leave=False,
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
@@ -169,7 +175,9 @@ def _task_bytes(model: nn.Module, backbone: Backbone) -> int:
         bn = sum(t.numel() * 4 for t in model.bn_state().values())
         return masks + bn + head
     if isinstance(model, _Finetune):
-        return sum(t.numel() * t.element_size() for t in model.features.state_dict().values()) + head
+        return (
+            sum(t.numel() * t.element_size() for t in model.features.state_dict().values()) + head
+        )
     return head
 
 

@@ -1,0 +1,1 @@
+"""Python client for piggyback-serve (installs without torch)."""

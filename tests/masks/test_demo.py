@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from masks import artifact, data, demo, inference
+from masks.errors import ArtifactError
+
+BUNDLED = sorted(demo.BUNDLED_DIR.glob("*.safetensors"))
+
+
+def test_demo_tasks_are_bundled_and_small():
+    names = {p.stem for p in BUNDLED}
+    assert {"mnist", "digits", "faces"} <= names
+    assert all(p.stat().st_size < 1_000_000 for p in BUNDLED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_bundled_task_reaches_its_recorded_accuracy(path, lite0):
+    art = artifact.load(path, lite0)
+    dataset_name = art.metrics["dataset"]
+    if dataset_name == "fashion_mnist" and not data.fashion_mnist_available():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    test = data.preprocess_all(
+        data.load_dataset(dataset_name).test, art.input_size, art.mean, art.std
+    )
+    params = inference.materialise(art, lite0)
+    correct = 0
+    with torch.inference_mode():
+        for x, y in torch.utils.data.DataLoader(test, batch_size=250):
+            correct += (inference.forward(lite0, params, x).argmax(1) == y).sum().item()
+    accuracy = correct / len(test)
+    assert abs(accuracy - art.metrics["accuracy"]) <= 0.005
+    assert accuracy > 0.8
+
+
+def test_demo_command_installs_validated_tasks(tmp_path):
+    env = {**os.environ, "PIGGY_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "masks", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    installed = sorted(p.name for p in (tmp_path / "demo" / "tasks").glob("*.safetensors"))
+    assert installed == [p.name for p in BUNDLED]
+    assert "mnist" in out.stdout and "%" in out.stdout
+
+
+def test_install_refuses_tasks_of_another_backbone(tmp_path, lite0):
+    foreign = artifact.read(BUNDLED[0])
+    foreign.backbone_sha256 = "f" * 64
+    source = tmp_path / "src"
+    artifact.write(foreign, source / BUNDLED[0].name)
+    with pytest.raises(ArtifactError) as err:
+        demo.install(tmp_path / "dest", lite0, source=source)
+    assert err.value.field == "backbone_sha256"
+    assert not list((tmp_path / "dest").glob("*.safetensors"))

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+
+from masks import artifact, data, train
+from masks.cli import main
+
+
+@pytest.mark.slow
+def test_short_piggyback_run_beats_chance(lite0):
+    digits = data.digits()
+    config = train.TrainConfig(epochs=1, input_size=64, progress=False)
+    result = train.train(lite0, digits, config)
+    assert result.accuracy > 0.5  # chance is 0.1
+    art = train.to_artifact(result, lite0, digits, config, "digits")
+    artifact.validate(art, lite0)
+    assert art.metrics["accuracy"] == pytest.approx(result.accuracy, abs=1e-6)
+    assert 0 <= art.metrics["sparsity"] < 0.5
+
+
+def test_baselines_train_on_the_same_split(lite0):
+    faces = data.faces()
+    costs = {}
+    for mode in ("classifier-only", "finetune"):
+        config = train.TrainConfig(mode=mode, epochs=2, input_size=32, progress=False)
+        result = train.train(lite0, faces, config)
+        assert result.accuracy > 0.7, mode  # chance is 0.5
+        costs[mode] = result.task_bytes
+    assert costs["finetune"] > 1000 * costs["classifier-only"]
+
+
+def test_split_is_stratified_and_deterministic():
+    a, b = data.mnist(seed=0), data.mnist(seed=0)
+    assert (a.test.targets == b.test.targets).all()
+    counts = {int(c): int((a.test.targets == c).sum()) for c in range(10)}
+    assert set(counts.values()) == {100}
+    assert len(set(a.test.targets[:20])) > 3  # shuffled, not sorted by label
+
+
+def test_image_folder_training_via_cli(tmp_path):
+    from PIL import Image
+
+    faces = data.faces()
+    root = tmp_path / "folder"
+    for i, (img, label) in enumerate(zip(faces.train.images, faces.train.targets, strict=True)):
+        (root / faces.labels[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / faces.labels[label] / f"{i}.png")
+    out = tmp_path / "faces.safetensors"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(root),
+            "--task",
+            "faces",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+        ]
+    )
+    assert code == 0
+    art = artifact.read(out)
+    assert art.labels == ["face", "non-face"] and art.task == "faces"
+    inspect = subprocess.run(
+        [sys.executable, "-m", "masks", "inspect", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "valid for backbone efficientnet_lite0" in inspect.stdout
+
+
+def test_cli_reports_bad_data_cleanly(capsys):
+    assert main(["train", "--data", "/no/such/folder"]) == 1
+    assert "neither a demo data set" in capsys.readouterr().err
