@@ -133,6 +133,10 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         try:
             probs = await self.engine.predict(task, torch.stack([item.x for item in batch]))
+        except asyncio.CancelledError:  # shutting down: nobody may wait forever
+            for item in batch:
+                item.future.cancel()
+            raise
         except Exception as exc:
             log.exception("batch of %d for task %s failed", len(batch), task.name)
             for item in batch:
