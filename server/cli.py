@@ -36,7 +36,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def prepare_demo(settings: Settings):
-    """Install the bundled demo tasks into the demo folder if it has none; the backbone."""
+    """Install the bundled demo tasks into the demo folder unless all are there; the backbone."""
     from pathlib import Path
 
     from masks import demo
@@ -44,7 +44,9 @@ def prepare_demo(settings: Settings):
 
     backbone = load_backbone(settings.backbone, settings.backbone_weights)
     folder = Path(settings.registry_url.removeprefix("dir:"))
-    if settings.registry_url.startswith("dir:") and not any(folder.glob("*.safetensors")):
+    have = {p.name for p in folder.glob("*.safetensors")}
+    bundled = {p.name for p in demo.BUNDLED_DIR.glob("*.safetensors")}
+    if settings.registry_url.startswith("dir:") and not (have and bundled <= have):
         installed = demo.install(folder, backbone)
         print(f"piggy-serve: installed {len(installed)} demo tasks into {folder}", flush=True)
     return backbone
