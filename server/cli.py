@@ -7,6 +7,7 @@ import logging
 import sys
 
 from masks.errors import MasksError
+from server.registry import RegistryError, open_registry
 from server.settings import Settings
 
 
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+    try:
+        open_registry(settings.registry_url)  # a bad PIGGY_REGISTRY fails here, not mid-startup
+    except RegistryError as exc:
+        print(f"piggy-serve: error: {exc}", file=sys.stderr)
+        return 1
     app = create_app(settings, backbone)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
