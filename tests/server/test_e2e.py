@@ -139,3 +139,37 @@ def test_demo_mode_installs_and_serves_the_demo_tasks(tmp_path):
             r = client.post(f"/predict?task={name}&top_k=3", content=buf.getvalue())
             assert r.status_code == 200, r.text
             reference.check(name, buf.getvalue(), r.json()["results"][0], top_k=3)
+
+
+def piggy(url: str, *args: str) -> subprocess.CompletedProcess:
+    script = shutil.which("piggy", path=str(Path(sys.executable).parent))
+    cmd = [script] if script else [sys.executable, "-m", "client"]
+    env = {**os.environ, "PIGGY_URL": url, "PIGGY_TOKEN": "t0ken"}
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_piggy_cli_against_the_server(tmp_path, registry_dir, reference):
+    env = dict(
+        PIGGY_BACKBONE="resnet18",
+        PIGGY_BACKBONE_WEIGHTS="random",
+        PIGGY_REGISTRY=f"dir:{registry_dir}",
+        PIGGY_ADMIN_TOKEN="t0ken",
+    )
+    image = tmp_path / "img.png"
+    image.write_bytes(png(700))
+    with piggy_serve(tmp_path, **env) as client:
+        url = str(client.base_url)
+        listed = piggy(url, "tasks")
+        assert listed.returncode == 0 and all(t in listed.stdout for t in TASKS)
+
+        out = piggy(url, "predict", "--task", "gamma", "--top-k", "2", str(image))
+        assert out.returncode == 0, out.stderr
+        expected = reference.probs("gamma", image.read_bytes()).topk(2).indices.tolist()
+        labels = [f"gamma-{i}" for i in expected]
+        assert out.stdout.index(labels[0]) < out.stdout.index(labels[1])
+
+        assert piggy(url, "upload", "copy", str(registry_dir / "delta.safetensors")).returncode == 0
+        assert "copy" in piggy(url, "tasks").stdout
+        assert piggy(url, "delete", "copy").returncode == 0
+        missing = piggy(url, "predict", "--task", "copy", str(image))
+        assert missing.returncode == 1 and "task_not_found" in missing.stderr
