@@ -115,10 +115,12 @@ def to_bytes(artifact: TaskArtifact) -> bytes:
 
 
 def write(artifact: TaskArtifact, path: str | Path) -> Path:
-    """Write atomically: a temp file in the same folder, fsync, rename."""
-    path = Path(path)
+    return write_atomic(Path(path), to_bytes(artifact))
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """A temp file in the same folder, fsync, rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_bytes(artifact)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

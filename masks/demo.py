@@ -8,7 +8,6 @@ checking that they were learned on exactly the installed backbone.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,11 +58,7 @@ def install(target: Path, backbone: Backbone, source: Path = BUNDLED_DIR) -> lis
     target.mkdir(parents=True, exist_ok=True)
     installed = []
     for path in bundled:
-        dest = target / path.name
-        tmp = dest.with_suffix(".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
-        installed.append(dest)
+        installed.append(artifact.write_atomic(target / path.name, path.read_bytes()))
     return installed
 
 

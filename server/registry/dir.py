@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from pathlib import Path
 
+from masks.artifact import write_atomic
 from server.registry.base import Entry, RegistryError, valid_name
 
 SUFFIX = ".safetensors"
@@ -70,18 +70,8 @@ class DirRegistry:
 
     def _put(self, name: str, data: bytes) -> Entry:
         self._ping()
-        dest = self._file(name)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-            self._fsync_dir()
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        dest = write_atomic(self._file(name), data)
+        self._fsync_dir()
         return _entry(name, dest.stat())
 
     async def delete(self, name: str) -> bool:
