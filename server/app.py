@@ -14,7 +14,7 @@ from server.batcher import Batcher
 from server.catalog import Catalog
 from server.engine import Engine
 from server.metrics import Metrics
-from server.registry import open_registry
+from server.registry import REMOTE_SCHEMES, open_registry
 from server.routes import routers
 from server.settings import Settings
 from server.state import Services
@@ -67,7 +67,9 @@ def _services(settings: Settings, backbone: Backbone | None) -> Services:
         settings=settings,
         metrics=metrics,
         engine=engine,
-        registry=open_registry(settings.registry_url),
+        registry=open_registry(
+            settings.registry_url, settings.redis_prefix, settings.redis_timeout_s
+        ),
         batcher=batcher,
     )
     metrics.watch(svc.snapshot)
@@ -76,12 +78,15 @@ def _services(settings: Settings, backbone: Backbone | None) -> Services:
 
 async def _start(svc: Services) -> None:
     try:
-        await svc.registry.ping()
+        if not svc.registry.url.startswith(REMOTE_SCHEMES):
+            await svc.registry.ping()
         loaded = await svc.engine.start()
     except Exception as exc:
         svc.startup_error = f"{type(exc).__name__}: {exc}"
         log.error("startup failed: %s", svc.startup_error)
         return
+    # A remote registry that is down at startup is an outage like any later one: the
+    # catalog records it (/readyz says so) and the watcher keeps trying until it returns.
     catalog = Catalog(svc.registry, loaded, on_change=svc.engine.forget)
     await catalog.refresh()
     svc.catalog = catalog

@@ -113,6 +113,9 @@ class Catalog:
         if task is None:
             await self.refresh()
             task = self.tasks.get(name)
+        if task is None and self.registry_error:
+            # Can't tell whether it exists: say the registry is down, not that it's unknown.
+            raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         if task is None:
             raise TaskNotFound(f"no task named {name!r}")
         return task
@@ -139,10 +142,16 @@ class Catalog:
             return removed
 
     async def watch(self, interval_s: float) -> None:
-        """Rescan forever (run as a background task)."""
+        """Rescan forever (run as a background task): every interval_s, or as soon as the
+        registry announces a change when it can (Redis: pub/sub and a version counter)."""
+        wait_change = getattr(self.registry, "wait_change", None)
         while True:
-            await asyncio.sleep(interval_s)
             try:
+                if wait_change is None:
+                    await asyncio.sleep(interval_s)  # a folder can't tell us: poll it
+                elif not await wait_change(interval_s) and not self.registry_error:
+                    continue
                 await self.refresh()
             except Exception:  # a bad rescan must not end the watcher
                 log.exception("registry rescan failed")
+                await asyncio.sleep(interval_s)

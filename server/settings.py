@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # "dir:/path" or "redis://host:port/db"; None: a folder under home.
     registry: str | None = None
     registry_rescan_s: float = Field(1.0, gt=0)
+    # Redis registry: key prefix (deployments sharing one Redis use different ones), and
+    # the socket timeout of every Redis command, so that a dead Redis never hangs a request.
+    redis_prefix: str = "piggy:"
+    redis_timeout_s: float = Field(2.0, gt=0)
     demo: bool = False
 
     max_batch_size: int = Field(32, ge=1)

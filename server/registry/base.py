@@ -47,3 +47,7 @@ class Registry(Protocol):
         """Remove a task; False when it wasn't there."""
 
     async def close(self) -> None: ...
+
+    # Optional: `async def wait_change(self, timeout_s: float) -> bool` waits up to
+    # timeout_s for news of a change and says whether to list again (the Redis backend);
+    # the catalog polls backends without it every PIGGY_REGISTRY_RESCAN_S.
