@@ -15,7 +15,7 @@ from server.catalog import Catalog
 from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import REMOTE_SCHEMES, open_registry
-from server.routes import routers
+from server.routes import oip, routers
 from server.settings import Settings
 from server.state import Services
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         title="piggyback-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
     )
     errors.install(app)
-    for router in routers:
+    for router in (*routers, oip.router):
         app.include_router(router)
     app.middleware("http")(_count_requests)
     return app
