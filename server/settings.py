@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
+    @field_validator("backbone_weights")
+    @classmethod
+    def _empty_weights_are_pretrained(cls, value: str | None) -> str | None:
+        return value or None  # PIGGY_BACKBONE_WEIGHTS= (empty, as compose passes it): default
+
     @field_validator("admin_token")
     @classmethod
     def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
