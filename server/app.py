@@ -15,7 +15,7 @@ from server.catalog import Catalog
 from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import REMOTE_SCHEMES, open_registry
-from server.routes import oip, routers
+from server.routes import oip, page, routers
 from server.settings import Settings
 from server.state import Services
 
@@ -51,8 +51,9 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         title="piggyback-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
     )
     errors.install(app)
-    for router in (*routers, oip.router):
+    for router in (*routers, oip.router, page.router):
         app.include_router(router)
+    app.mount("/web", page.assets(), name="web")
     app.middleware("http")(_count_requests)
     return app
 
