@@ -7,9 +7,13 @@ The tests run in file order on one cluster; the last one kills Redis.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import compose_env
 import pytest
 from compose_env import replica
 from redis_support import RedisServer, eventually, free_port
@@ -120,6 +124,20 @@ def test_delete_on_b_is_404_on_a_within_a_second(cluster):
     _, took = eventually(lambda: predict(a, "shared") is None, PROPAGATION_S)
     assert took < PROPAGATION_S
     assert b.get("/tasks/shared").status_code == 404
+
+
+def test_demo_seed_uploads_once(cluster, redis_artifacts, tmp_path):
+    """deploy/seed_demo.py, as the compose service `demo-seed` runs it."""
+    _, a, b = cluster
+    (tmp_path / "seeded.safetensors").write_bytes(redis_artifacts["c"])
+    env = dict(os.environ, PIGGY_URL=str(a.base_url), PIGGY_TOKEN=TOKEN)
+    seed = [sys.executable, str(compose_env.ROOT / "deploy" / "seed_demo.py"), str(tmp_path)]
+    out = subprocess.run(seed, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "uploaded seeded" in out.stdout, out.stderr
+    eventually(lambda: b.get("/tasks/seeded").status_code == 200, PROPAGATION_S)
+    out = subprocess.run(seed, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "seeded already registered" in out.stdout, out.stderr
+    assert b.delete("/tasks/seeded", headers=AUTH).status_code == 204
 
 
 def test_redis_down_known_tasks_serve_and_recovery_is_automatic(
