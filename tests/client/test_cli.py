@@ -1,0 +1,92 @@
+"""The `piggy` CLI (client.cli.main, in-process) against a real server: tables, --json,
+admin commands, and clear messages with distinct exit codes on errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from live_server import TOKEN, png
+
+from client.cli import main
+
+
+@pytest.fixture
+def piggy(live, monkeypatch, capsys):
+    monkeypatch.setenv("PIGGY_URL", live.url)
+    monkeypatch.setenv("PIGGY_TOKEN", TOKEN)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_tasks_table_and_json(piggy):
+    code, out, _ = piggy("tasks")
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["NAME", "LABELS", "BACKBONE", "SIZE", "SPARSITY", "ACCURACY"]
+    assert [r.split()[:3] for r in rows] == [["alpha", "5", "resnet18"], ["beta", "7", "resnet18"]]
+    code, out, _ = piggy("tasks", "--json")
+    assert code == 0 and [t["name"] for t in json.loads(out)] == ["alpha", "beta"]
+
+
+def test_predict_table_and_json(piggy, live, tmp_path):
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        images[-1].write_bytes(png(30 + i))
+    code, out, err = piggy("predict", "--task", "beta", "--top-k", "2", *map(str, images))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["IMAGE", "RANK", "LABEL", "SCORE"]
+    for i, image in enumerate(images):
+        labels = live.reference.artifacts["beta"].labels
+        want = [labels[j] for j in live.reference.probs("beta", image.read_bytes()).topk(2)[1]]
+        first, second = lines[1 + 2 * i].split(), lines[2 + 2 * i].split()
+        assert first[:3] == [str(image), "1", want[0]] and second[:2] == ["2", want[1]]
+    assert lines[-1].startswith("task beta, 2 images, ") and lines[-1].endswith(" ms")
+
+    for args in (("--json", "predict", "-t", "beta"), ("predict", "--json", "-t", "beta")):
+        code, out, _ = piggy(*args, str(images[0]))
+        answer = json.loads(out)
+        assert code == 0 and answer["task"] == "beta" and len(answer["results"][0]["top"]) == 5
+
+
+def test_upload_delete_health(piggy, live):
+    code, out, _ = piggy("upload", "cli-copy", str(live.artifacts["alpha"]))
+    assert code == 0 and out.startswith("uploaded cli-copy: 5 labels")
+    assert "cli-copy" in piggy("tasks")[1]
+    assert piggy("delete", "cli-copy") == (0, "deleted cli-copy\n", "")
+    code, out, _ = piggy("health")
+    assert code == 0 and out.splitlines()[1].split()[:2] == ["ready", "resnet18"]
+    assert json.loads(piggy("health", "--json")[1])["status"] == "ready"
+
+
+def test_errors_exit_non_zero_with_the_servers_message(piggy, live, tmp_path, monkeypatch):
+    image = tmp_path / "img.png"
+    image.write_bytes(png(1))
+    code, out, err = piggy("predict", "--task", "nope", str(image))
+    assert (code, out) == (1, "")
+    assert err == "piggy: task_not_found: no task named 'nope' (HTTP 404)\n"
+
+    monkeypatch.delenv("PIGGY_TOKEN")
+    code, _, err = piggy("delete", "alpha")
+    assert code == 1 and "unauthorized" in err and "401" in err
+
+    code, _, err = piggy("predict", "--task", "alpha", str(tmp_path / "missing.png"))
+    assert code == 2 and "missing.png" in err
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = piggy("--url", f"http://127.0.0.1:{port}", "tasks")
+    assert code == 3 and "cannot reach the server" in err
+
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(image)])  # --task missing: argparse's usage error
+    assert info.value.code == 2
