@@ -1,0 +1,132 @@
+"""The test bed for one backbone: its tasks, images, our server, and prepared requests."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench import fixtures, loadgen, procs
+from bench.fixtures import Config
+from masks import artifact as artifacts
+from masks import inference
+from masks.backbones import Backbone
+from server.catalog import Task
+
+
+@dataclass(frozen=True)
+class Options:
+    """How much to measure: every run is bounded by these, in count and in time."""
+
+    repeats: int = 3
+    window_s: float = 4.0  # one measurement of one side
+    warmup_s: float = 1.0
+    max_requests: int = 5000  # per measurement, whatever the window
+    n_tasks: int = 100
+    cache_tasks: int = 10
+    scale_counts: tuple[int, ...] = (10, 100, 1000)
+    cold_repeats: int = 7
+    fairness_s: float = 8.0
+    peers: bool = True
+    quick: bool = False
+
+
+@dataclass
+class Bed:
+    config: Config
+    options: Options
+    workdir: Path
+    device: str
+    backbone: Backbone = field(init=False)
+    names: list[str] = field(init=False)
+    images: list[bytes] = field(init=False)
+    params_bytes: int = field(init=False)
+    server: procs.Proc | None = field(init=False, default=None)
+    server_start_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        started = time.perf_counter()
+        self.backbone = fixtures.backbone_for(self.config)
+        self.registry = self.workdir / f"registry-{self.config.backbone}-{self.config.input_size}"
+        self.names = fixtures.write_registry(
+            self.registry, self.backbone, self.options.n_tasks, self.config.input_size
+        )
+        self.images = fixtures.jpegs(self.config.input_size)
+        one = inference.materialise(self.artifact(0), self.backbone)
+        self.params_bytes = inference.params_nbytes(one)
+        self.setup_s = time.perf_counter() - started
+
+    @property
+    def cache_bytes(self) -> int:
+        """Room for exactly `cache_tasks` materialised tasks."""
+        return self.options.cache_tasks * self.params_bytes + self.params_bytes // 2
+
+    def artifact(self, i: int):
+        return artifacts.read(self.registry / f"{self.names[i]}.safetensors")
+
+    def task(self, i: int) -> Task:
+        path = self.registry / f"{self.names[i]}.safetensors"
+        return Task(self.names[i], "bench", path.stat().st_size, self.artifact(i))
+
+    def start_server(self, extra_env: dict[str, str] | None = None) -> procs.Proc:
+        self.server = procs.start_ours(
+            self.workdir,
+            self.registry,
+            self.config.backbone,
+            self.config.weights,
+            self.config.batch,
+            self.cache_bytes,
+            tag=f"ours-{self.config.backbone}",
+            extra_env={"PIGGY_DEVICE": self.device, **(extra_env or {})},
+        )
+        self.server_start_s = self.server.wait_ready("/readyz", 300)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # -- requests --------------------------------------------------------------------
+
+    def predict(self, task: str, image: int = 0, tag: str | None = None) -> loadgen.Request:
+        body = self.images[image % len(self.images)]
+        return loadgen.Request.post(
+            f"/predict?task={task}&top_k=5", body, "image/jpeg", tag=tag or task
+        )
+
+    def uniform(self, n_tasks: int):
+        """A chooser: a task among the first n_tasks, uniformly at random."""
+        requests = [
+            [self.predict(name, j) for j in range(len(self.images))]
+            for name in self.names[:n_tasks]
+        ]
+
+        def choose(rng: random.Random) -> loadgen.Request:
+            return rng.choice(requests[rng.randrange(n_tasks)])
+
+        return choose
+
+    def load(self, proc: procs.Proc, choose, seed: int = 0, seconds: float | None = None):
+        """One bounded closed-loop measurement, after a warm-up of the same traffic.
+
+        Also records the CPU seconds the server (all its processes) spent meanwhile.
+        """
+        o = self.options
+        clients = self.config.clients
+        if o.warmup_s > 0:
+            loadgen.run(proc.port, choose, clients, o.max_requests, o.warmup_s, seed=seed + 10_000)
+        cpu = proc.cpu_s(children=True)
+        result = loadgen.run(
+            proc.port, choose, clients, o.max_requests, seconds or o.window_s, seed=seed
+        )
+        result.cpu_s = proc.cpu_s(children=True) - cpu
+        return result
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,0 +1,234 @@
+"""`python -m bench`: every scenario of the benchmark issue, then RESULTS.md and plots.
+
+Each backbone gets a test bed (100 synthetic tasks, our server on loopback with a cache
+that holds 10 of them); scenarios 1, 3 and 5 run on every bed, 2 and 4 on the first
+(the demo backbone). Every measurement is bounded in time and in request count, and the
+whole run stops starting new work past --budget-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from bench import report
+from bench.bed import Bed, Options
+from bench.fixtures import Config
+from bench.scenarios import cold, cost, fairness, peers, serving
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def configs(device: str, quick: bool) -> list[Config]:
+    """The issue's backbones; on a GPU the same at larger batches."""
+    if quick:
+        return [Config("resnet18", "random", 32, 4, 8)]
+    if device.startswith("cuda"):
+        return [
+            Config("efficientnet_lite0", None, 224, 64, 128),
+            Config("resnet18", "random", 64, 128, 256),
+            Config("resnet50", "random", 224, 32, 64),
+        ]
+    return [
+        Config("efficientnet_lite0", None, 224, 8, 16),
+        Config("resnet18", "random", 64, 16, 32),
+        Config("resnet50", "random", 224, 8, 16),
+    ]
+
+
+def options_for(args: argparse.Namespace) -> Options:
+    if args.quick:
+        base = Options(
+            repeats=2,
+            window_s=1.0,
+            warmup_s=0.3,
+            n_tasks=12,
+            cache_tasks=3,
+            scale_counts=(2, 5),
+            cold_repeats=2,
+            fairness_s=1.5,
+            peers=args.peers,
+            quick=True,
+        )
+    else:
+        base = Options(peers=args.peers)
+    changes = {"repeats": args.repeats, "window_s": args.window_s}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where RESULTS.md goes (default bench/results; with --quick a temporary folder)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long smoke run: resnet18 at 32 px, 12 tasks, tiny windows",
+    )
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run Ray Serve and LitServe (default: yes, except with --quick)",
+    )
+    p.add_argument("--backbones", help="comma-separated subset of the backbones to run")
+    p.add_argument(
+        "--scenarios",
+        default="serving,fairness,cold,peers,redis,scale",
+        help="comma-separated subset of: serving, fairness, cold, peers, redis, scale",
+    )
+    p.add_argument("--repeats", type=int, help="interleaved repeats per comparison")
+    p.add_argument("--window-s", type=float, help="seconds per measurement")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=17 * 60,
+        help="start no new scenario after this many seconds (default 17 min)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    return p
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.peers is None:
+        args.peers = not args.quick
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = options_for(args)
+    cfgs = configs(device, args.quick)
+    if args.backbones:
+        wanted = args.backbones.split(",")
+        cfgs = [c for c in cfgs if c.backbone in wanted]
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="piggy-bench-quick-")) if args.quick else RESULTS
+    )
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    results: dict = {"meta": _meta(device, argv), "beds": {}, "skipped": []}
+
+    chosen = set(args.scenarios.split(","))
+
+    def step(name: str, fn, *a):
+        """Run one scenario unless the budget is spent; a failure is reported, not fatal."""
+        if name.rsplit(": ", 1)[-1] not in chosen | {"start server"}:
+            return None
+        if time.perf_counter() - started > args.budget_s:
+            results["skipped"].append(f"{name}: past the {args.budget_s:.0f} s budget")
+            log(f"skip {name} (budget)")
+            return None
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        try:
+            value = fn(*a)
+        except Exception as exc:  # noqa: BLE001 - one broken scenario must not sink the run
+            results["skipped"].append(f"{name}: failed: {type(exc).__name__}: {exc}")
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            return None
+        log(f"{name} done in {time.perf_counter() - t0:.0f} s")
+        return value
+
+    with tempfile.TemporaryDirectory(prefix="piggy-bench-") as tmp:
+        workdir = Path(tmp)
+        for i, cfg in enumerate(cfgs):
+            if time.perf_counter() - started > args.budget_s:
+                results["skipped"].append(f"{cfg.label}: past the {args.budget_s:.0f} s budget")
+                continue
+            log(f"bed {cfg.label} on {device}")
+            bed = Bed(cfg, options, workdir, device)
+            entry: dict = {"config": dataclasses.asdict(cfg)}
+            results["beds"][cfg.label] = entry
+            entry["bytes"] = cost.bytes_on_disk(bed)
+            try:
+                if step(f"{cfg.label}: start server", bed.start_server) is None:
+                    continue
+                entry["server_start_s"] = bed.server_start_s
+                for name, module in (("serving", serving), ("fairness", fairness), ("cold", cold)):
+                    value = step(f"{cfg.label}: {name}", module.run, bed)
+                    if value is not None:
+                        entry[name] = value
+                if i == 0 and options.peers and "peers" in chosen:
+                    found = step(f"{cfg.label}: peers", peers.run, bed)
+                    if found is not None:
+                        results["peers"], results["peers_backbone"] = found, cfg.label
+            finally:
+                bed.stop()
+            if i == 0:
+                results["redis"] = step(f"{cfg.label}: redis", cost.redis_bytes, bed)
+                results["redis_backbone"] = cfg.backbone
+                results["scale"] = step(f"{cfg.label}: scale", cost.scale, bed)
+                results["scale_backbone"] = cfg.backbone
+            _save(results, out, started)  # a report after every bed, in case of a stop
+    if not args.peers:
+        results["skipped"].append("peers: not requested (--no-peers / --quick)")
+    _save(results, out, started)
+    print((out / "RESULTS.md").read_text().split("\n\n")[0])
+    log(f"wrote {out / 'RESULTS.md'} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _save(results: dict, out: Path, started: float) -> None:
+    results["meta"]["duration_s"] = round(time.perf_counter() - started)
+    results["meta"]["load"] = _loadavg()
+    results["fixes"] = FIXES
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    made = report.plots(results, out)
+    (out / "RESULTS.md").write_text(report.render(results, made))
+
+
+def _loadavg() -> str:
+    try:
+        return "load average {:.1f} {:.1f} {:.1f} (1/5/15 min) at the end".format(*os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _meta(device: str, argv: list[str] | None) -> dict:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    return {
+        "machine": f"{platform.node()} {platform.system()} {platform.release()} {cpu}",
+        "cpus": f"{os.cpu_count()} logical, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"torch threads {torch.get_num_threads()}",
+        "python": platform.python_version(),
+        "torch": f"torch {torch.__version__}",
+        "env": f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "device": device + (f" ({gpu})" if gpu else "") + ", float32",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(
+            ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "notes": [],
+    }
+
+
+# Before/after numbers of what profiling found (measured by hand, see the git log).
+FIXES: list[str] = []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
