@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as StarletteRequest
 
 from server.errors import BadRequest, PayloadTooLarge
@@ -39,6 +40,14 @@ async def parse_form(request: Request, body: bytes, max_files: int) -> FormData:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return await StarletteRequest(request.scope, replay).form(
-        max_files=max_files, max_fields=max_files + 16
-    )
+    try:
+        return await StarletteRequest(request.scope, replay).form(
+            max_files=max_files, max_fields=max_files + 16
+        )
+    except HTTPException as exc:
+        # Starlette says 400 for every multipart problem; too many images is a size limit.
+        if str(exc.detail).startswith("Too many files"):
+            raise PayloadTooLarge(
+                f"more than {max_files} images in one request (PIGGY_MAX_IMAGES)"
+            ) from None
+        raise
