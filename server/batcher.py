@@ -18,7 +18,7 @@ import torch
 
 from server.catalog import Task
 from server.engine import Engine
-from server.errors import Overloaded
+from server.errors import BatchFailed, Overloaded
 from server.metrics import Metrics
 
 log = logging.getLogger("piggy.serve")
@@ -139,9 +139,13 @@ class Batcher:
             raise
         except Exception as exc:
             log.exception("batch of %d for task %s failed", len(batch), task.name)
+            failed = BatchFailed(
+                f"the batch of {len(batch)} images for task {task.name!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            )
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    item.future.set_exception(failed)
             return
         finally:
             self.metrics.compute.labels(task.name).observe(time.monotonic() - started)

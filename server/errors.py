@@ -61,6 +61,12 @@ class InvalidArtifact(ServeError):
     status, code = 422, "invalid_artifact"
 
 
+class BatchFailed(ServeError):
+    """The engine raised while running a batch: only that batch's requests get it."""
+
+    status, code = 500, "batch_failed"
+
+
 class Overloaded(ServeError):
     status, code = 503, "overloaded"
 
@@ -91,12 +97,13 @@ class ErrorBody(BaseModel):
 
 _DESCRIPTIONS = {
     400: "Bad parameter",
-    401: "Admin token missing",
-    403: "Admin token wrong",
+    401: "Token missing (admin token; predict token where one is set)",
+    403: "Token wrong",
     404: "Unknown task",
     413: "Body, image or artifact too large",
     415: "Not an image",
     422: "Invalid artifact",
+    500: "The batch holding this request failed (the server goes on)",
     503: "Overloaded (see Retry-After) or not ready",
     504: "Timed out",
 }
