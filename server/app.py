@@ -7,6 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
 from masks.backbones import Backbone
 from server import errors
@@ -55,6 +56,14 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.include_router(router)
     app.mount("/web", page.assets(), name="web")
     app.middleware("http")(_count_requests)
+    if settings.cors_origin_list:  # off unless asked for: no CORS header is ever sent
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+            expose_headers=["Retry-After", "Inference-Header-Content-Length"],
+        )
     return app
 
 

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_images: int = Field(64, ge=1)
 
     admin_token: SecretStr | None = None
+    # When set, predictions (POST /predict, /v2/models/*/infer) need it (or the admin token).
+    predict_token: SecretStr | None = None
+    # Origins allowed to call the API from a browser page elsewhere ("*" for any), comma
+    # separated; empty (the default): no CORS headers at all, browsers allow same origin only.
+    cors_origins: str = ""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -56,10 +61,14 @@ class Settings(BaseSettings):
     def _empty_weights_are_pretrained(cls, value: str | None) -> str | None:
         return value or None  # PIGGY_BACKBONE_WEIGHTS= (empty, as compose passes it): default
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "predict_token")
     @classmethod
     def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value and value.get_secret_value() else None
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def registry_url(self) -> str:

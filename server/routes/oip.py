@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from server.auth import require_predict
 from server.body import read_limited
 from server.catalog import Task
 from server.errors import BadRequest, PayloadTooLarge, ServeError, Timeout
@@ -127,7 +128,11 @@ async def model_ready(name: str, svc: ServicesDep) -> dict:
     return {"name": task.name, "ready": True}
 
 
-@router.post("/models/{name}/infer", summary="Classify images (or preprocessed pixels)")
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[Depends(require_predict)],
+    summary="Classify images (or preprocessed pixels)",
+)
 async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
     started = time.perf_counter()
     task = await svc.require_catalog().get(name)

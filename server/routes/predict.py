@@ -6,8 +6,9 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
+from server.auth import require_predict
 from server.body import parse_form, read_limited
 from server.errors import BadRequest, NotAnImage, Timeout, responses
 from server.preprocess import prepare_async
@@ -43,7 +44,8 @@ RAW_TYPES = ("image/", "application/octet-stream")
     "/predict",
     response_model=Prediction,
     openapi_extra=_BODY,
-    responses=responses(400, 404, 413, 415, 503, 504),
+    dependencies=[Depends(require_predict)],
+    responses=responses(400, 401, 403, 404, 413, 415, 500, 503, 504),
     summary="Classify one or more images with a task",
 )
 async def predict(

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
+from server.auth import require_admin
 from server.body import read_limited
-from server.errors import BadRequest, Forbidden, TaskNotFound, Unauthorized, responses
+from server.errors import BadRequest, TaskNotFound, responses
 from server.registry import NAME_PATTERN, valid_name
 from server.schemas import TaskInfo, TaskList
 from server.state import ServicesDep
 
 router = APIRouter(tags=["tasks"])
 TaskName = Annotated[str, Path(description=f"task name, {NAME_PATTERN}")]
-
-
-def require_admin(request: Request, svc: ServicesDep) -> None:
-    """Bearer admin token, when one is set: 401 without one, 403 when it is wrong."""
-    token = svc.settings.admin_token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise Unauthorized("this route needs Authorization: Bearer <admin token>")
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise Forbidden("wrong admin token")
 
 
 def _checked(name: str) -> str:

@@ -1,0 +1,39 @@
+"""Bearer tokens: the admin token guards /tasks writes, the optional predict token guards
+predictions. Compared in constant time; never logged, never echoed in a response."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from server.errors import Forbidden, Unauthorized
+from server.state import ServicesDep
+
+
+def require_admin(request: Request, svc: ServicesDep) -> None:
+    """Bearer admin token, when one is set: 401 without one, 403 when it is wrong."""
+    check_bearer(request, "admin", svc.settings.admin_token)
+
+
+def require_predict(request: Request, svc: ServicesDep) -> None:
+    """Bearer predict token (or the admin token), when a predict token is set."""
+    settings = svc.settings
+    if settings.predict_token is not None:
+        check_bearer(request, "predict", settings.predict_token, settings.admin_token)
+
+
+def check_bearer(request: Request, what: str, *tokens: SecretStr | None) -> None:
+    """401 without a bearer token, 403 unless it equals one of `tokens` (all None: open)."""
+    wanted = [t.get_secret_value().encode() for t in tokens if t is not None]
+    if not wanted:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise Unauthorized(f"this route needs Authorization: Bearer <{what} token>")
+    given_bytes = given.strip().encode()
+    # Every token is compared (no short-circuit), each in constant time.
+    matches = [hmac.compare_digest(given_bytes, w) for w in wanted]
+    if not any(matches):
+        raise Forbidden(f"wrong {what} token")
