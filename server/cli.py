@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from masks.errors import MasksError
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1
     app = create_app(settings, backbone)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
+    # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
+    # handler in place before it started: with these no-ops a clean stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
