@@ -30,8 +30,8 @@ def rate(runs: list[dict], key: str = WALL) -> list[float]:
     return [r.get(key) or math.nan for r in runs]
 
 
-def serving_ratio(serving: dict, variant: str, key: str = WALL) -> Spread:
-    return ratios(rate(serving[variant], key), rate(serving["raw"], key))
+def serving_ratio(serving: dict, variant: str, key: str = WALL, base: str = "raw") -> Spread:
+    return ratios(rate(serving[variant], key), rate(serving[base], key))
 
 
 def summary(results: dict) -> dict[str, Spread | float | None]:
@@ -77,13 +77,25 @@ def render(results: dict, plots: list[str]) -> str:
     lines += [f"| {name} | {_value(values[name])} |" for name in FIGURES]
     meta = results["meta"]
     first = next(iter(results.get("beds", {})), "the first backbone")
+    serving = next(iter(results.get("beds", {}).values()), {}).get("serving", {})
+    overhead = ""
+    if "raw_cl" in serving:
+        cl = [
+            serving_ratio(serving, v, SUMMARY_METRIC, base="raw_cl").median
+            for v in ("http1", "http10", "http100")
+        ]
+        overhead = (
+            " Our engine runs channels_last, the plain model does not; against the plain "
+            "model in channels_last the same three ratios are "
+            f"{', '.join(f'{c:.3f}' for c in cl)}."
+        )
     lines += [
         "",
         f"Latest run, {meta['date']}: medians over interleaved repeats, on **{first}**, "
         f"{meta['device']}. Throughput ratios (rows 1-3 and 6) are images per CPU second "
         "of the serving side (all its processes; the load generator excluded), because "
         f"this host is shared ({meta.get('load', '')}) and wall-clock rates there "
-        "measure the other tenants as much as us; wall-clock ratios are in the tables. "
+        f"measure the other tenants as much as us; wall-clock ratios are in the tables.{overhead} "
         f"Goals from the issue, in order: {'; '.join(GOALS)}. "
         "Spreads, every backbone and every other number are below.",
         "",
@@ -128,7 +140,9 @@ def _serving(results: dict) -> list[str]:
         "Images/s of each side measured in the same repeat, in rotating order; "
         "ratio = side ÷ raw of that repeat, median [min–max] over repeats. Raw: the plain "
         "model in a tight in-process loop at the server's batch size and dtype on "
-        "already-preprocessed tensors; engine: our engine in-process, one task; HTTP: "
+        "already-preprocessed tensors; raw_cl: the same in channels_last, the layout our "
+        "engine runs in (so ÷ raw_cl is the serving overhead alone); engine: our engine "
+        "in-process, one task; HTTP: "
         "JPEG bodies at the input size through the whole server (decode, resize, batcher, "
         "engine, JSON) from the closed-loop load generator on loopback.",
         "",
@@ -348,7 +362,11 @@ def plots(results: dict, folder: Path) -> list[str]:
     beds = {k: v for k, v in results.get("beds", {}).items() if "serving" in v}
     if beds:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        variants = ("engine", "http1", "http10", "http100")
+        variants = [
+            v
+            for v in ("raw_cl", "engine", "http1", "http10", "http100")
+            if all(v in b["serving"] for b in beds.values())
+        ]
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
             spreads = [serving_ratio(b["serving"], variant, CPU) for b in beds.values()]

@@ -1,6 +1,7 @@
 """Scenario 1: serving vs the raw backbone, same batch size and dtype.
 
 raw     the plain model in a tight in-process loop
+raw_cl  the same in channels_last (what our engine runs), to separate layout from overhead
 engine  our engine in-process, one task (materialised weights, functional_call)
 http1   the server over HTTP, one task
 http10  10 tasks chosen uniformly at random, warm cache
@@ -20,7 +21,7 @@ from masks.backbones import build_classifier
 from server.engine import Engine
 from server.settings import Settings
 
-VARIANTS = ("raw", "engine", "http1", "http10", "http100")
+VARIANTS = ("raw", "raw_cl", "engine", "http1", "http10", "http100")
 
 
 def loop_rate(step, images_per_step: int, seconds: float, device: str, max_steps: int) -> dict:
@@ -45,6 +46,9 @@ def run(bed: Bed) -> dict:
     device = torch.device(bed.device)
     x = fixtures.tensor_batch(bed.images, bed.backbone, cfg.input_size, cfg.batch).to(device)
     raw_model = build_classifier(cfg.backbone, cfg.weights).to(device)
+    cl_model = build_classifier(cfg.backbone, cfg.weights).to(device)
+    cl_model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     engine = Engine(
         Settings(backbone=cfg.backbone, device=bed.device, cache_bytes=bed.cache_bytes),
         bed.backbone,
@@ -56,11 +60,15 @@ def run(bed: Bed) -> dict:
         with torch.inference_mode():
             raw_model(x)
 
+    def raw_cl_step():
+        with torch.inference_mode():
+            cl_model(x_cl)
+
     def engine_step():
         engine._predict(task, x)
 
     http = {"http1": bed.uniform(1), "http10": bed.uniform(10), "http100": bed.uniform(o.n_tasks)}
-    steps = {"raw": raw_step, "engine": engine_step}
+    steps = {"raw": raw_step, "raw_cl": raw_cl_step, "engine": engine_step}
     out: dict = {v: [] for v in VARIANTS}
     for r in range(o.repeats):
         for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
