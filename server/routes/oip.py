@@ -32,6 +32,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from server.auth import require_predict
@@ -73,7 +74,29 @@ class OipRoute(APIRoute):
         return handle
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
+class OipError(BaseModel):
+    error: str
+
+
+# Documented on every /v2 route: the protocol's error shape under the native status codes.
+_ERRORS = {
+    code: {"model": OipError, "description": description}
+    for code, description in {
+        400: "Bad request",
+        401: "Predict token missing",
+        403: "Predict token wrong",
+        404: "Unknown model (task)",
+        413: "Body, image count or pixels over a limit",
+        415: "Not an image",
+        500: "The batch holding this request failed",
+        503: "Overloaded (see Retry-After) or not ready",
+        504: "Timed out",
+    }.items()
+}
+
+router = APIRouter(
+    prefix="/v2", tags=["open inference protocol"], route_class=OipRoute, responses=_ERRORS
+)
 
 
 @router.get("", summary="Server metadata")
@@ -86,7 +109,11 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready: 200 when ready, 400 (as the spec says) if not")
+@router.get(
+    "/health/ready",
+    summary="Server ready: 200 when ready, 400 (as the spec says) if not",
+    responses={400: {"description": 'Not ready: `{"ready": false}`'}},
+)
 async def ready(svc: ServicesDep):
     ok = svc.ready and not svc.catalog.registry_error
     return JSONResponse({"ready": ok}, status_code=200 if ok else 400)
