@@ -54,7 +54,10 @@ class Engine:
             started = time.perf_counter()
             backbone = load_backbone(self.backbone_name, self.backbone_weights)
             log.info("backbone %s loaded in %.1fs", backbone.name, time.perf_counter() - started)
-        backbone.module.to(self.device, self.dtype)
+        # channels_last: oneDNN's CPU convolutions run 1.25-1.5x faster in it (measured:
+        # EfficientNet-Lite0 b8 224 px, resnet18 b16 64 px). materialise() keeps the
+        # layout (W * mask follows W), so every task's weights come out channels_last too.
+        backbone.module.to(self.device, self.dtype, memory_format=torch.channels_last)
         self.backbone = backbone
         return backbone
 
@@ -65,7 +68,7 @@ class Engine:
     def _predict(self, task: Task, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             params = self._params(task)
-            x = batch.to(self.device, self.dtype)
+            x = batch.to(self.device, self.dtype, memory_format=torch.channels_last)
             logits = inference.forward(self.backbone, params, x)
             return torch.softmax(logits.float(), dim=-1).cpu()
 
