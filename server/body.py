@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
 from server.errors import BadRequest, PayloadTooLarge
@@ -21,11 +22,16 @@ async def read_limited(request: Request, limit: int, what: str = "body") -> byte
         if size > limit:
             raise PayloadTooLarge(f"{what} of {size:,} bytes is over the limit of {limit:,}")
     chunks, received = [], 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:  # chunked uploads have no Content-Length to check first
-            raise PayloadTooLarge(f"{what} is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:  # chunked uploads have no Content-Length to check first
+                raise PayloadTooLarge(f"{what} is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # An ordinary error (nobody is left to read it), not an exception out of the app
+        # that the ASGI server would log with a traceback for every vanished client.
+        raise BadRequest(f"the client went away after {received:,} bytes of the {what}") from None
     return b"".join(chunks)
 
 
