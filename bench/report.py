@@ -296,8 +296,12 @@ def _peers(results: dict) -> list[str]:
     ):
         if ours in runs and peer in runs:
             thr = ratios(rate(runs[ours]), rate(runs[peer]))
+            cpu = ratios(rate(runs[ours], CPU), rate(runs[peer], CPU))
             p99 = ratios([r["p99_ms"] for r in runs[peer]], [r["p99_ms"] for r in runs[ours]])
-            lines.append(f"- ours ÷ {what}: throughput {thr.fmt()}; their p99 ÷ ours {p99.fmt()}")
+            lines.append(
+                f"- ours ÷ {what}: images/s {thr.fmt()}; images per CPU second {cpu.fmt()}; "
+                f"their p99 ÷ ours {p99.fmt()}"
+            )
     if peers.get("same_answers") is not None:
         lines.append(f"- same top-5 answers as ours for one image: {peers['same_answers']}")
     if peers.get("rss_bytes"):

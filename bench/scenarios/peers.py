@@ -9,6 +9,7 @@ ours1   our server, one task, the same multipart bodies
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import random
 import time
@@ -61,6 +62,13 @@ def _start(
     return proc, {"startup_s": time.perf_counter() - started}
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _top(url: str, body: bytes, headers: dict) -> list[str]:
     request = urllib.request.Request(url, data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as r:
@@ -94,6 +102,8 @@ def run(bed: Bed) -> dict:
     }
     (folder / "meta.json").write_text(json.dumps(meta))
     out: dict = {
+        "ray_version": _version("ray"),
+        "litserve_version": _version("litserve"),
         "copy_file_bytes": copy_bytes,
         "write_s": time.perf_counter() - started,
         "max_models": o.cache_tasks,
