@@ -62,6 +62,10 @@ def _value(v: Spread | float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _v(found: dict, key: str) -> str:
+    return f" {found[key]}" if found.get(key) else ""
+
+
 def _mb(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:.1f} MB"
 
@@ -257,15 +261,15 @@ def _peers(results: dict) -> list[str]:
     if not peers:
         return [*lines, "Not run."]
     lines += [
-        f"On {results.get('peers_backbone')}. Ray Serve {peers.get('ray_version', '')}: one "
+        f"On {results.get('peers_backbone')}. Ray Serve{_v(peers, 'ray_version')}: one "
         "full fine-tuned copy per task (safetensors, "
         f"{_mb(peers['copy_file_bytes'])} each), loaded on demand by `@serve.multiplexed` "
         f"with an LRU of {peers['max_models']} copies per replica — the same bytes as our "
         f"weight cache ({_mb(peers['cache_bytes'])} budget, {peers['max_models']} "
         "materialised tasks) — batched per model by `@serve.batch` (same max batch and "
         "wait as ours), one replica, the architecture built on the meta device and the "
-        "copy loaded with `assign=True` (no wasted init). LitServe "
-        f"{peers.get('litserve_version', '')}: one copy, its own batching, multipart "
+        "copy loaded with `assign=True` (no wasted init). LitServe"
+        f"{_v(peers, 'litserve_version')}: one copy, its own batching, multipart "
         "bodies (ours1 gets the same multipart bodies). Same JPEGs, same seeded task "
         "sequence, same load generator, sides interleaved.",
         "",

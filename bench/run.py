@@ -260,6 +260,20 @@ FIXES: list[str] = [
     "per task): engine in-process 15.0-16.8 img per CPU-s vs the plain model's "
     "11.2-11.5, interleaved. This is why serving can beat `raw`; `raw_cl` is the plain "
     "model in the same layout, the fair yardstick for overhead alone.",
+    "- **Where the rest goes on a small backbone (py-spy, resnet18 64 px b16, http1, 32 "
+    "clients, on-CPU samples):** engine thread 207 (59%), event loop 84 (24%), decode + "
+    "to_tensor in the preprocessing threads about 62 (17%). In the event loop, 35 of 84 "
+    "are FastAPI's dependency solving and routing under the `BaseHTTPMiddleware` that "
+    "counts requests (server/app.py), 22 of them stalled in starlette's query-string "
+    "parsing, i.e. waiting for the GIL while the engine thread runs the forward's Python "
+    "(functional_call swaps every tensor per batch). At about 7 ms of compute per image "
+    "that overhead is about 40% of the server's CPU, hence http1 ÷ raw_cl 0.63 there; at "
+    "EfficientNet-Lite0 224 px (about 50 ms per image) it is about 13%. Candidates, "
+    "outside this change's files: a pure-ASGI metrics middleware instead of "
+    "`app.middleware('http')`, and fewer Python-level tensor swaps per forward.",
+    "- **Memory floor:** `import torch` alone is 727 MB RSS here (the CUDA build of torch "
+    "2.14.1), torchvision + timm + the web stack 962 MB, the backbone loaded 1,004 MB: "
+    "the ~1 GB of a server with no tasks is the framework, not ours.",
     "- **Not ours to change here:** materialising a task costs about 10 ns per weight "
     "(memory-bound: read W, write W·mask); a 256-entry lookup table for unpacking saved "
     "only 10-15% (resnet18: 117 -> 104 ms CPU), not worth the code. On small inputs "
