@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,12 +120,28 @@ class Bed:
         clients = self.config.clients
         if o.warmup_s > 0:
             loadgen.run(proc.port, choose, clients, o.max_requests, o.warmup_s, seed=seed + 10_000)
-        cpu = proc.cpu_s(children=True)
+        cpu, batches = proc.cpu_s(children=True), self.batches(proc)
         result = loadgen.run(
             proc.port, choose, clients, o.max_requests, seconds or o.window_s, seed=seed
         )
         result.cpu_s = proc.cpu_s(children=True) - cpu
+        after = self.batches(proc)
+        if batches and after and after[1] > batches[1]:
+            result.mean_batch = (after[0] - batches[0]) / (after[1] - batches[1])
         return result
+
+    def batches(self, proc: procs.Proc) -> tuple[float, float] | None:
+        """Our server's (images, batches) so far, from /metrics; None for a peer."""
+        if proc is not self.server:
+            return None
+        with urllib.request.urlopen(proc.url("/metrics"), timeout=10) as r:
+            text = r.read().decode()
+        found = dict.fromkeys(("piggy_batch_size_sum", "piggy_batch_size_count"), 0.0)
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in found:
+                found[name] = float(value)
+        return found["piggy_batch_size_sum"], found["piggy_batch_size_count"]
 
 
 def sync(device: str) -> None:

@@ -70,6 +70,7 @@ class LoadResult:
     by_tag: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     cpu_s: float | None = None  # the server's CPU seconds meanwhile, when the caller knows
+    mean_batch: float | None = None  # images per engine batch meanwhile (our server only)
 
     @property
     def requests(self) -> int:

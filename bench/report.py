@@ -148,11 +148,14 @@ def _serving(results: dict) -> list[str]:
         "engine runs in (so ÷ raw_cl is the serving overhead alone); engine: our engine "
         "in-process, one task; HTTP: "
         "JPEG bodies at the input size through the whole server (decode, resize, batcher, "
-        "engine, JSON) from the closed-loop load generator on loopback.",
+        "engine, JSON) from the closed-loop load generator on loopback. batch: images per "
+        "engine batch during the HTTP runs (from /metrics); the in-process sides run full "
+        "batches. One batch holds one task's requests (one set of weights), so with 10 or "
+        "100 tasks the batches are smaller.",
         "",
-        "| backbone | side | images/s | ÷ raw | images/CPU-s | ÷ raw (CPU) | p50 ms | p99 ms "
-        "| requests | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| backbone | side | images/s | ÷ raw | images/CPU-s | ÷ raw (CPU) | batch | p50 ms "
+        "| p99 ms | requests | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, bed in results.get("beds", {}).items():
         serving = bed.get("serving")
@@ -161,6 +164,8 @@ def _serving(results: dict) -> list[str]:
         for variant, runs in serving.items():
             ratio = "1" if variant == "raw" else serving_ratio(serving, variant).fmt()
             cpu_ratio = "1" if variant == "raw" else serving_ratio(serving, variant, CPU).fmt()
+            mean_batch = Spread.of([r.get("mean_batch") or math.nan for r in runs])
+            batch = mean_batch.fmt(1) if mean_batch.n else str(bed["config"].get("batch", "–"))
             p50 = Spread.of([r.get("p50_ms", math.nan) for r in runs])
             p99 = Spread.of([r.get("p99_ms", math.nan) for r in runs])
             requests = sum(r.get("requests", 0) for r in runs)
@@ -168,7 +173,7 @@ def _serving(results: dict) -> list[str]:
             lines.append(
                 f"| {label} (×{bed['config']['clients']} clients) | {variant} | "
                 f"{Spread.of(rate(runs)).fmt(1)} | {ratio} | {Spread.of(rate(runs, CPU)).fmt(1)} | "
-                f"{cpu_ratio} | {p50.fmt(0)} | {p99.fmt(0)} | "
+                f"{cpu_ratio} | {batch} | {p50.fmt(0)} | {p99.fmt(0)} | "
                 f"{requests or '–'} | {errors if requests else '–'} |"
             )
     return lines

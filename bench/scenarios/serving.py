@@ -85,6 +85,7 @@ def summary(result) -> dict:
     return {
         "images_per_s": result.images_per_s,
         "images_per_cpu_s": result.images / result.cpu_s if result.cpu_s else None,
+        "mean_batch": result.mean_batch,
         "p50_ms": result.p(50),
         "p99_ms": result.p(99),
         "requests": result.requests,
