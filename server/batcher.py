@@ -18,7 +18,7 @@ import torch
 
 from server.catalog import Task
 from server.engine import Engine
-from server.errors import BatchFailed, Overloaded
+from server.errors import BatchFailed, Overloaded, Timeout
 from server.metrics import Metrics
 
 log = logging.getLogger("piggy.serve")
@@ -81,6 +81,16 @@ class Batcher:
         queue.extend(items)
         self._wake.set()
         return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def submit_within(
+        self, task: Task, images: list[torch.Tensor], started: float, timeout_s: float
+    ) -> list[torch.Tensor]:
+        """submit, or 504 once `timeout_s` has passed since `started` (time.perf_counter)."""
+        remaining = timeout_s - (time.perf_counter() - started)
+        try:
+            return await asyncio.wait_for(self.submit(task, images), max(remaining, 0))
+        except TimeoutError:
+            raise Timeout(f"no answer within {timeout_s:g}s") from None
 
     async def _run(self) -> None:
         while True:

@@ -15,7 +15,6 @@ protocol says, with the native API's status codes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -38,7 +37,7 @@ from starlette.exceptions import HTTPException
 from server.auth import require_predict
 from server.body import read_limited
 from server.catalog import Task
-from server.errors import BadRequest, PayloadTooLarge, ServeError, Timeout
+from server.errors import BadRequest, PayloadTooLarge, ServeError
 from server.preprocess import prepare_async
 from server.settings import Settings
 from server.state import ServicesDep
@@ -173,11 +172,7 @@ async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
         images = await prepare_async(blobs, task.artifact, settings.max_pixels)
     else:
         images = _pixels(tensor, task, settings)
-    remaining = settings.request_timeout_s - (time.perf_counter() - started)
-    try:
-        probs = await asyncio.wait_for(svc.batcher.submit(task, images), max(remaining, 0))
-    except TimeoutError:
-        raise Timeout(f"no answer within {settings.request_timeout_s:g}s") from None
+    probs = await svc.batcher.submit_within(task, images, started, settings.request_timeout_s)
     svc.metrics.images.labels(task.name).inc(len(images))
     k = min(_top_k(header), len(task.artifact.labels))
     scores, indices = torch.stack(probs).float().topk(k, dim=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from server.auth import require_predict
 from server.body import parse_form, read_limited
-from server.errors import BadRequest, NotAnImage, Timeout, responses
+from server.errors import BadRequest, NotAnImage, responses
 from server.preprocess import prepare_async
 from server.schemas import ImageResult, Prediction, Score
 from server.settings import Settings
@@ -64,11 +63,7 @@ async def predict(
     settings = svc.settings
     blobs = await _images(request, settings)
     tensors = await prepare_async(blobs, found.artifact, settings.max_pixels)
-    remaining = settings.request_timeout_s - (time.perf_counter() - started)
-    try:
-        probs = await asyncio.wait_for(svc.batcher.submit(found, tensors), max(remaining, 0))
-    except TimeoutError:
-        raise Timeout(f"no answer within {settings.request_timeout_s:g}s") from None
+    probs = await svc.batcher.submit_within(found, tensors, started, settings.request_timeout_s)
     svc.metrics.images.labels(found.name).inc(len(blobs))
     labels = found.artifact.labels
     k = min(top_k, len(labels))
