@@ -267,7 +267,7 @@ FIXES: list[str] = [
     "counts requests (server/app.py), 22 of them stalled in starlette's query-string "
     "parsing, i.e. waiting for the GIL while the engine thread runs the forward's Python "
     "(functional_call swaps every tensor per batch). At about 7 ms of compute per image "
-    "that overhead is about 40% of the server's CPU, hence http1 ÷ raw_cl 0.63 there; at "
+    "that overhead is about 40% of the server's CPU, hence http1 ÷ raw_cl about 0.6 there; at "
     "EfficientNet-Lite0 224 px (about 50 ms per image) it is about 13%. Candidates, "
     "outside this change's files: a pure-ASGI metrics middleware instead of "
     "`app.middleware('http')`, and fewer Python-level tensor swaps per forward.",
