@@ -40,8 +40,11 @@ def summary(results: dict) -> dict[str, Spread | float | None]:
     bed = next(iter(beds.values()), {})
     values: dict[str, Spread | float | None] = dict.fromkeys(FIGURES)
     if "serving" in bed:
+        # Raw at its best: the plain model in channels_last, the layout our engine uses,
+        # so the ratio is the serving overhead, not a memory-layout win.
+        base = "raw_cl" if "raw_cl" in bed["serving"] else "raw"
         for figure, variant in zip(FIGURES[:3], ("http1", "http10", "http100"), strict=True):
-            values[figure] = serving_ratio(bed["serving"], variant, SUMMARY_METRIC)
+            values[figure] = serving_ratio(bed["serving"], variant, SUMMARY_METRIC, base)
     if "bytes" in bed:
         values[FIGURES[3]] = bed["bytes"]["ratio"]
     if "cold" in bed:
@@ -84,14 +87,13 @@ def render(results: dict, plots: list[str]) -> str:
     serving = next(iter(results.get("beds", {}).values()), {}).get("serving", {})
     overhead = ""
     if "raw_cl" in serving:
-        cl = [
-            serving_ratio(serving, v, SUMMARY_METRIC, base="raw_cl").median
-            for v in ("http1", "http10", "http100")
+        plain = [
+            serving_ratio(serving, v, SUMMARY_METRIC).median for v in ("http1", "http10", "http100")
         ]
         overhead = (
-            " Our engine runs channels_last, the plain model does not; against the plain "
-            "model in channels_last the same three ratios are "
-            f"{', '.join(f'{c:.3f}' for c in cl)}."
+            " Raw in rows 1-3 is the plain model in channels_last, the layout our engine runs "
+            "in; against the plain model in its default layout the same three ratios are "
+            f"{', '.join(f'{c:.3f}' for c in plain)}."
         )
     lines += [
         "",
