@@ -42,7 +42,9 @@ def cluster(tmp_path_factory):
     redis = RedisServer(folder / "redis", persist=True)
     redis.start()
     command, env = replica(COMPOSE_VARIABLES)
-    argv = [shutil.which(command[0]) or command[0], *command[1:]]
+    # The venv's bin first: CI runs .venv/bin/python -m pytest without activating it.
+    venv_bin = str(Path(sys.executable).parent)
+    argv = [shutil.which(command[0], path=venv_bin) or command[0], *command[1:]]
     try:
         with (
             _replica(folder / "a", argv, env, redis) as a,
