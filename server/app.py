@@ -6,7 +6,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from masks.backbones import Backbone
@@ -14,7 +14,7 @@ from server import errors
 from server.batcher import Batcher
 from server.catalog import Catalog
 from server.engine import Engine
-from server.metrics import Metrics
+from server.metrics import Metrics, RequestCounter
 from server.registry import REMOTE_SCHEMES, open_registry
 from server.routes import oip, page, routers
 from server.settings import Settings
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     for router in (*routers, oip.router, page.router):
         app.include_router(router)
     app.mount("/web", page.assets(), name="web")
-    app.middleware("http")(_count_requests)
+    app.add_middleware(RequestCounter)
     if settings.cors_origin_list:  # off unless asked for: no CORS header is ever sent
         app.add_middleware(
             CORSMiddleware,
@@ -108,17 +108,3 @@ async def _start(svc: Services) -> None:
         svc.registry.url,
     )
     svc.background.append(asyncio.create_task(catalog.watch(svc.settings.registry_rescan_s)))
-
-
-async def _count_requests(request: Request, call_next):
-    state = request.state  # created on the shared scope, so routes' notes reach us
-    response = await call_next(request)
-    svc: Services | None = getattr(request.app.state, "services", None)
-    if svc is not None:
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        task = getattr(state, "task", "")
-        svc.metrics.requests.labels(route, task, str(response.status_code)).inc()
-        code = getattr(state, "error_code", None)
-        if code:
-            svc.metrics.errors.labels(task, code).inc()
-    return response
