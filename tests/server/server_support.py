@@ -169,3 +169,56 @@ async def until(predicate, timeout_s: float = 10) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+def registry_fixtures(tasks: tuple[str, ...], folder_name: str):
+    """The fixtures every server-side test folder needs, over its own task names.
+
+    A conftest binds them by name: `backbone, task_files, reference, registry_dir,
+    settings, anyio_backend = registry_fixtures(TASKS, "artifacts")`.
+    """
+    import shutil
+
+    import pytest
+
+    from masks import artifact as artifacts
+    from masks.backbones import load_backbone
+
+    @pytest.fixture(scope="session")
+    def backbone() -> Backbone:
+        return load_backbone(BACKBONE, "random")
+
+    @pytest.fixture(scope="session")
+    def task_files(tmp_path_factory, backbone) -> dict[str, Path]:
+        folder = tmp_path_factory.mktemp(folder_name)
+        return {
+            name: artifacts.write(
+                make_artifact(backbone, name, n_labels=4 + i, seed=i),
+                folder / f"{name}.safetensors",
+            )
+            for i, name in enumerate(tasks)
+        }
+
+    @pytest.fixture(scope="session")
+    def reference(task_files) -> Reference:
+        # Its own backbone instance: the server's engine thread may be using the shared one.
+        own = load_backbone(BACKBONE, "random")
+        return Reference(own, {name: artifacts.read(path) for name, path in task_files.items()})
+
+    @pytest.fixture
+    def registry_dir(tmp_path, task_files) -> Path:
+        folder = tmp_path / "tasks"
+        folder.mkdir()
+        for path in task_files.values():
+            shutil.copy(path, folder / path.name)
+        return folder
+
+    @pytest.fixture
+    def settings(tmp_path, registry_dir) -> Settings:
+        return settings_for(tmp_path, registry_dir)
+
+    @pytest.fixture
+    def anyio_backend():
+        return "asyncio"
+
+    return backbone, task_files, reference, registry_dir, settings, anyio_backend
