@@ -64,6 +64,12 @@ def unpack_mask(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torc
     return unpacked.reshape(-1)[:numel].reshape(shape).bool()
 
 
+def off_positions(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted row-major positions (int64) of the switched-off weights of a packed mask."""
+    flat = np.unpackbits(bits.detach().cpu().numpy(), count=numel)
+    return torch.from_numpy(np.flatnonzero(flat == 0))
+
+
 def packed_size(numel: int) -> int:
     return (numel + 7) // 8
 
@@ -86,6 +92,13 @@ class TaskArtifact:
     metrics: dict = field(default_factory=dict)
     bn: dict[str, torch.Tensor] = field(default_factory=dict)  # "<bn>.<suffix>" -> tensor
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def switched_off(self, name: str, numel: int) -> torch.Tensor:
+        """Sorted row-major positions (int64) of the weights of `name` this task switches off.
+
+        The engine builds a task's sparse patch from these; `numel` is the weight's size.
+        """
+        return off_positions(self.masks[name], numel)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"mask.{n}": b.contiguous() for n, b in self.masks.items()}
