@@ -97,7 +97,7 @@ async def _start(svc: Services) -> None:
         return
     # A remote registry that is down at startup is an outage like any later one: the
     # catalog records it (/readyz says so) and the watcher keeps trying until it returns.
-    catalog = Catalog(svc.registry, loaded, on_change=svc.engine.forget)
+    catalog = Catalog(svc.registry, loaded, svc.engine.prepare, on_change=svc.engine.forget)
     await catalog.refresh()
     svc.catalog = catalog
     log.info(

@@ -1,14 +1,16 @@
 """Per-task queues and the scheduler that turns them into batches for the engine.
 
-One bounded queue per task. The scheduler runs a queue's batch when it is full or its
-oldest request has waited max_delay; among ready queues it takes the one whose oldest
-request has waited longest, so a hot task cannot starve a cold one.
+One bounded queue per task. A batch mixes tasks: once max_batch_size images wait or the
+oldest has waited max_delay, the scheduler fills a batch from every queue, oldest image
+first (a hot task cannot starve a cold one), taking only images of the oldest image's
+input size (one batch, one tensor shape). The engine runs the mixed batch in one step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections import deque
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.catalog import Task
-from server.engine import Engine
+from server.engine import Engine, Row
 from server.errors import BatchFailed, Overloaded, Timeout
 from server.metrics import Metrics
 
@@ -95,62 +97,73 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            name, deadline = self._pick()
-            if name is None:
+            ready, deadline = self._pick()
+            if not ready:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
-            batch = self._take(name)
+            batch = self._take()
             if batch:
                 await self._run_batch(batch)
 
-    def _pick(self) -> tuple[str | None, float | None]:
-        """The ready queue with the oldest head, else when the next one gets ready."""
-        now = time.monotonic()
-        best, best_since, deadline = None, None, None
+    def _pick(self) -> tuple[bool, float | None]:
+        """Whether a batch is ready now, else when the oldest image makes one ready."""
+        oldest, waiting = None, 0
         for name, queue in list(self._queues.items()):
             while queue and queue[0].future.done():  # callers that gave up
                 queue.popleft()
             if not queue:
                 del self._queues[name]
                 continue
-            since = queue[0].enqueued
-            if len(queue) >= self.max_batch_size or now - since >= self.max_delay_s:
-                if best_since is None or since < best_since:
-                    best, best_since = name, since
-            else:
-                ready_at = since + self.max_delay_s
-                deadline = ready_at if deadline is None else min(deadline, ready_at)
-        return best, deadline
+            waiting += len(queue)
+            if oldest is None or queue[0].enqueued < oldest:
+                oldest = queue[0].enqueued
+        if oldest is None:
+            return False, None
+        if waiting >= self.max_batch_size or time.monotonic() - oldest >= self.max_delay_s:
+            return True, None
+        return False, oldest + self.max_delay_s
 
-    def _take(self, name: str) -> list[_Item]:
-        queue = self._queues[name]
-        version = queue[0].task.version
+    def _take(self) -> list[_Item]:
+        """Up to max_batch_size images from all queues, oldest first, of one input size."""
+        heads = [(q[0].enqueued, i, q) for i, q in enumerate(self._queues.values()) if q]
+        heapq.heapify(heads)
+        size = heads[0][2][0].task.state.input_size if heads else None
         batch: list[_Item] = []
-        # A replaced artifact starts a new batch: one batch, one set of weights.
-        while queue and len(batch) < self.max_batch_size and queue[0].task.version == version:
-            item = queue.popleft()
+        while heads and len(batch) < self.max_batch_size:
+            _, i, queue = heapq.heappop(heads)
+            item = queue[0]
+            if item.task.state.input_size != size:
+                continue  # this queue waits for a batch of its own size
+            queue.popleft()
             if not item.future.done():
                 batch.append(item)
+            if queue:
+                heapq.heappush(heads, (queue[0].enqueued, i, queue))
         return batch
 
     async def _run_batch(self, batch: list[_Item]) -> None:
-        task = batch[0].task
         started = time.monotonic()
         for item in batch:
-            self.metrics.queue_wait.labels(task.name).observe(started - item.enqueued)
+            self.metrics.queue_wait.labels(item.task.name).observe(started - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tasks.observe(len({item.task.key for item in batch}))
+        rows = [Row(item.task.key, item.task.state) for item in batch]
+        x = torch.stack([item.x for item in batch])
+        if self.engine.device.type == "cuda":
+            x = x.pin_memory()  # lets the copy to the device run asynchronously
         try:
-            probs = await self.engine.predict(task, torch.stack([item.x for item in batch]))
+            probs = await self.engine.predict(rows, x)
         except asyncio.CancelledError:  # shutting down: nobody may wait forever
             for item in batch:
                 item.future.cancel()
             raise
         except Exception as exc:
-            log.exception("batch of %d for task %s failed", len(batch), task.name)
+            names = sorted({item.task.name for item in batch})
+            log.exception("batch of %d for tasks %s failed", len(batch), names)
             failed = BatchFailed(
-                f"the batch of {len(batch)} images for task {task.name!r} failed: "
+                f"the batch of {len(batch)} images for tasks {names} failed: "
                 f"{type(exc).__name__}: {exc}"
             )
             for item in batch:
@@ -158,7 +171,7 @@ class Batcher:
                     item.future.set_exception(failed)
             return
         finally:
-            self.metrics.compute.labels(task.name).observe(time.monotonic() - started)
+            self.metrics.compute.observe(time.monotonic() - started)
         for item, p in zip(batch, probs, strict=True):
             if not item.future.done():
                 item.future.set_result(p)

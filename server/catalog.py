@@ -7,6 +7,7 @@ so the catalog rescans it on a short interval and whenever a name is missed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,22 +18,29 @@ from masks.backbones import Backbone
 from masks.errors import ArtifactError
 from server.errors import RegistryUnavailable, TaskNotFound
 from server.registry import Entry, Registry, RegistryError
+from server.task_state import TaskState
 
 log = logging.getLogger("piggy.serve")
 
 
 @dataclass(frozen=True)
 class Task:
-    """One servable task: the validated artifact under the name the registry gives it."""
+    """One servable task under the name the registry gives it: its artifact's metadata and
+    head (the masks, once turned into `state`, are not kept) and its engine state."""
 
     name: str
     version: str
     size_bytes: int
     artifact: TaskArtifact
+    state: TaskState
 
     @property
     def key(self) -> tuple[str, str]:
         return self.name, self.version
+
+    @property
+    def state_bytes(self) -> int:
+        return self.state.nbytes
 
     @property
     def sparsity(self) -> float:
@@ -45,15 +53,20 @@ def parse(data: bytes, backbone: Backbone) -> TaskArtifact:
     return artifacts.load(data, backbone)
 
 
+Prepare = Callable[[TaskArtifact], TaskState]
+
+
 class Catalog:
     def __init__(
         self,
         registry: Registry,
         backbone: Backbone,
+        prepare: Prepare,
         on_change: Callable[[str], None] = lambda name: None,
     ):
         self.registry = registry
         self.backbone = backbone
+        self.prepare = prepare  # artifact -> engine state (Engine.prepare)
         self.on_change = on_change  # called with a name whose artifact went away or changed
         self.tasks: dict[str, Task] = {}
         self.registry_error: str | None = None
@@ -86,13 +99,19 @@ class Catalog:
             return
         data, entry = found
         try:
-            art = await asyncio.to_thread(parse, data, self.backbone)
+            art, state = await asyncio.to_thread(self._parse, data)
         except ArtifactError as exc:
             log.warning("skipping task %s: invalid artifact: %s", entry.name, exc)
             self._rejected[entry.version] = str(exc)
             self._forget(entry.name)
             return
-        self._remember(Task(entry.name, entry.version, entry.size, art))
+        self._remember(Task(entry.name, entry.version, entry.size, art, state))
+
+    def _parse(self, data: bytes) -> tuple[TaskArtifact, TaskState]:
+        """Validate, build the engine state, then drop the masks: the state replaces them."""
+        art = parse(data, self.backbone)
+        state = self.prepare(art)
+        return dataclasses.replace(art, masks={}), state
 
     def _remember(self, task: Task) -> None:
         if task.name in self.tasks:
@@ -122,13 +141,13 @@ class Catalog:
 
     async def put(self, name: str, data: bytes) -> Task:
         """Validate, then store: an invalid artifact never reaches the registry."""
-        art = await asyncio.to_thread(parse, data, self.backbone)
+        art, state = await asyncio.to_thread(self._parse, data)
         async with self._lock:
             try:
                 entry = await self.registry.put(name, data)
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
-            task = Task(name, entry.version, entry.size, art)
+            task = Task(name, entry.version, entry.size, art, state)
             self._remember(task)
             return task
 

@@ -1,26 +1,40 @@
-"""The engine: owns the device and the backbone, runs one task's batch at a time.
+"""The engine: owns the device and the backbone, runs batches that may mix tasks.
 
-Everything touching the backbone runs on ONE worker thread: functional_call swaps the
-module's tensors for the duration of a forward, so two concurrent forwards (or a
-materialise during a forward) on the shared module would see each other's weights.
+The backbone's masked weights live in one working copy (server/working_copy.py); a task
+is a sparse patch of it (server/task_state.py). A batch runs as:
+- one task: patch the working copy to it (cheap: only switched-off weights move), then a
+  plain forward of the module;
+- several tasks: rows reordered so the largest task's rows lead, the copy patched to that
+  task, one forward with a sparse correction per layer for the other rows
+  (server/mixed.py); heads apply per task.
+Everything that touches the working copy runs on ONE worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from masks import inference
+from masks.artifact import TaskArtifact
 from masks.backbones import Backbone, load_backbone
-from server.cache import Params, WeightCache
-from server.catalog import Task
+from server import task_state
+from server.geometry import Geometries
+from server.mixed import Block, MixedForward
 from server.settings import Settings
+from server.task_state import TaskState
+from server.working_copy import WorkingCopy
 
 log = logging.getLogger("piggy.serve")
+
+TaskKey = tuple[str, str]  # (name, version)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,23 +43,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Row:
+    """What the engine needs of one image's task: who it is and its state."""
+
+    key: TaskKey
+    state: TaskState
+
+
+@dataclass
+class EngineStats:
+    switches: int = 0  # working-copy patches (the lead task changed)
+    batches: int = 0
+    mixed_batches: int = 0  # batches with more than one task
+
+
 class Engine:
     def __init__(self, settings: Settings, backbone: Backbone | None = None):
         self.device = resolve_device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
         self.backbone_name = settings.backbone
         self.backbone_weights = settings.backbone_weights
-        self.cache = WeightCache(settings.cache_bytes)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="piggy-engine")
         self.backbone = backbone
         self.load_error: str | None = None
+        self.working: WorkingCopy | None = None
+        self.geometries: Geometries | None = None
+        self.stats = EngineStats()
+        self._on_device: dict[TaskKey, TaskState] = {}  # device copies (CPU: the same)
+        self._lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
-        return self.backbone is not None and self.load_error is None
+        return self.working is not None and self.load_error is None
 
     async def start(self) -> Backbone:
-        """Load the backbone (once) and put it on the device, off the event loop."""
+        """Load the backbone (once), put it on the device, build the working copy."""
         return await self._call(self._load)
 
     def _load(self) -> Backbone:
@@ -54,36 +87,131 @@ class Engine:
             started = time.perf_counter()
             backbone = load_backbone(self.backbone_name, self.backbone_weights)
             log.info("backbone %s loaded in %.1fs", backbone.name, time.perf_counter() - started)
+        else:
+            # The working copy patches the module's weights in place: a backbone handed in
+            # (and perhaps shared with the caller) is copied, so no patch leaks out.
+            backbone = dataclasses.replace(backbone, module=copy.deepcopy(backbone.module))
         # channels_last: oneDNN's CPU convolutions run 1.25-1.5x faster in it (measured:
-        # EfficientNet-Lite0 b8 224 px, resnet18 b16 64 px). materialise() keeps the
-        # layout (W * mask follows W), so every task's weights come out channels_last too.
+        # EfficientNet-Lite0 b8 224 px, resnet18 b16 64 px); the working copy keeps it.
         backbone.module.to(self.device, self.dtype, memory_format=torch.channels_last)
+        self.working = WorkingCopy(backbone)
+        self.geometries = Geometries(backbone.module, self.working.slots)
         self.backbone = backbone
         return backbone
 
-    async def predict(self, task: Task, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities [batch, labels], float32 on the CPU."""
-        return await self._call(self._predict, task, batch)
+    def prepare(self, artifact: TaskArtifact) -> TaskState:
+        """A validated artifact's task state (CPU). Thread-safe: call it off the engine."""
+        if self.working is None:
+            raise RuntimeError("the engine has not started")
+        return task_state.build(artifact, self.working, self.geometries)
 
-    def _predict(self, task: Task, batch: torch.Tensor) -> torch.Tensor:
+    async def predict(self, rows: list[Row], batch: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax probabilities per row (float32, on the CPU), row i classified by its task."""
+        return await self._call(self._predict, rows, batch)
+
+    def _predict(self, rows: list[Row], batch: torch.Tensor) -> list[torch.Tensor]:
+        order, blocks, lead_key = self._blocks(rows)
         with torch.inference_mode():
-            params = self._params(task)
-            x = batch.to(self.device, self.dtype, memory_format=torch.channels_last)
-            logits = inference.forward(self.backbone, params, x)
-            return torch.softmax(logits.float(), dim=-1).cpu()
+            x = batch.to(self.device, self.dtype, non_blocking=True)
+            if len(blocks) > 1:
+                x = x[torch.tensor(order, device=self.device)]
+            x = x.contiguous(memory_format=torch.channels_last)
+            self._switch(lead_key, blocks[0].state)
+            if len(blocks) == 1:
+                features = self.backbone.module(x)
+            else:
+                layers = self.geometries.at(blocks[-1].state.input_size)
+                with MixedForward(self.working, layers, blocks):
+                    features = self.backbone.module(x)
+                self.stats.mixed_batches += 1
+            self.stats.batches += 1
+            probs = [None] * len(rows)
+            for block in blocks:
+                if block.stop == block.start:
+                    continue
+                p = _classify(features[block.start : block.stop], block.state).cpu()
+                for j, row_index in enumerate(order[block.start : block.stop]):
+                    probs[row_index] = p[j]
+            return probs
 
-    def _params(self, task: Task) -> Params:
-        params = self.cache.get(task.key)
-        if params is None:
-            params = inference.materialise(task.artifact, self.backbone, self.device, self.dtype)
-            self.cache.put(task.key, params, inference.params_nbytes(params))
-        return params
+    def _blocks(self, rows: list[Row]) -> tuple[list[int], list[Block], TaskKey | None]:
+        """Rows reordered by task, lead block first, and the task the working copy runs.
+
+        One task: it leads. Several: the lead minimises the switched-off weights to correct
+        (a tail row of task t corrects |t| + |lead| of them), which makes the pristine
+        backbone (no rows, |lead| = 0) the lead unless one task holds over half the rows.
+        """
+        by_key: dict[TaskKey, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_key.setdefault(row.key, []).append(i)
+        states = {key: self._device_state(key, rows[m[0]].state) for key, m in by_key.items()}
+        n, patched = len(rows), self.working.patched
+
+        def extra(key: TaskKey) -> tuple[int, bool]:  # cost of leading, vs the pristine copy
+            members = len(by_key[key])
+            cost = 0 if n == members else (n - 2 * members) * states[key].zeroed.numel()
+            return cost, key != patched
+
+        lead = min(by_key, key=extra)
+        order, blocks = [], []
+        if len(by_key) > 1 and extra(lead)[0] > 0:
+            lead = None
+            blocks.append(Block(self._pristine(states), 0, 0))
+        for key in sorted(by_key, key=lambda k: k != lead):
+            members = by_key[key]
+            blocks.append(Block(states[key], len(order), len(order) + len(members)))
+            order.extend(members)
+        return order, blocks, lead
+
+    def _pristine(self, states: dict[TaskKey, TaskState]) -> TaskState:
+        """The backbone as it is, as a task state: nothing switched off, no head."""
+        like = next(iter(states.values()))
+        return TaskState(
+            zeroed=like.zeroed[:0],
+            counts=torch.zeros_like(like.counts),
+            gather=like.gather[:0],
+            out_channel=like.out_channel[:0],
+            head_weight=like.head_weight[:0],
+            head_bias=like.head_bias[:0],
+            bn_positions=like.bn_positions[:0],
+            bn_values=like.bn_values[:0],
+            input_size=like.input_size,
+        )
+
+    def _device_state(self, key: TaskKey, state: TaskState) -> TaskState:
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return state
+        with self._lock:
+            found = self._on_device.get(key)
+            if found is None:
+                found = self._on_device[key] = state.to(self.device, self.dtype)
+            return found
+
+    def _switch(self, key: TaskKey | None, state: TaskState) -> None:
+        if key != self.working.patched:
+            self.working.switch(key, state.zeroed, state.bn_positions, state.bn_values)
+            self.stats.switches += 1
 
     def forget(self, name: str) -> None:
-        self.cache.drop(name)
+        """Drop the device copies of every version of task `name` (deleted or replaced).
+
+        A request already waiting still runs with the state it was submitted with."""
+        with self._lock:
+            for key in [k for k in self._on_device if k[0] == name]:
+                del self._on_device[key]
+
+    @property
+    def device_state_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._on_device.values())
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _classify(features: torch.Tensor, state: TaskState) -> torch.Tensor:
+    logits = torch.nn.functional.linear(features.float(), state.head_weight, state.head_bias)
+    return torch.softmax(logits, dim=-1)

@@ -35,17 +35,22 @@ class Metrics:
         )
         self.compute = Histogram(
             "piggy_compute_seconds",
-            "Engine time per batch (materialise if cold + forward)",
-            ["task"],
+            "Engine time per batch (patch switch + forward, all its tasks)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "piggy_batch_size", "Images per engine batch", buckets=BATCH_BUCKETS, registry=r
         )
+        self.batch_tasks = Histogram(
+            "piggy_batch_tasks",
+            "Distinct tasks per engine batch",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
 
     def watch(self, state: Callable[[], dict[str, float]]) -> None:
-        """Export values read at scrape time (cache counters, queue depth, task count)."""
+        """Export values read at scrape time (engine counters, queue depth, task count)."""
         self.registry.register(_StateCollector(state))
 
     def render(self) -> bytes:
@@ -54,14 +59,13 @@ class Metrics:
 
 class _StateCollector(Collector):
     COUNTERS = {
-        "cache_hits": "Weight cache hits",
-        "cache_misses": "Weight cache misses (a task materialised)",
-        "cache_evictions": "Weight cache evictions",
+        "task_switches": "Working-copy patches: a batch led by another task than the last",
+        "mixed_batches": "Engine batches with more than one task",
     }
     GAUGES = {
-        "cache_bytes": "Bytes of materialised weights cached",
-        "cache_budget_bytes": "Weight cache budget",
-        "cache_entries": "Tasks with weights in the cache",
+        "task_state_bytes": "Bytes of task state the server holds (sparse patches, heads, BN)",
+        "device_task_state_bytes": "Bytes of task state copied to the device (0 on the CPU)",
+        "working_copy_bytes": "Bytes of the masked weights' working copy and its pristine twin",
         "tasks_registered": "Tasks the server knows",
         "queue_depth": "Images waiting in task queues",
         "ready": "1 when the backbone is loaded and the registry reachable",

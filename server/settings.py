@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, ge=1)
-    cache_bytes: int = Field(1024 * MiB, ge=0)
     request_timeout_s: float = Field(30.0, gt=0)
 
     max_body_bytes: int = Field(16 * MiB, ge=1)

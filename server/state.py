@@ -39,15 +39,15 @@ class Services:
 
     def snapshot(self) -> dict[str, float]:
         """Values exported to /metrics at scrape time."""
-        cache = self.engine.cache
+        engine = self.engine
+        tasks = list(self.catalog.tasks.values()) if self.catalog else []
         return {
-            "cache_hits": cache.hits,
-            "cache_misses": cache.misses,
-            "cache_evictions": cache.evictions,
-            "cache_bytes": cache.bytes,
-            "cache_budget_bytes": cache.budget_bytes,
-            "cache_entries": len(cache),
-            "tasks_registered": len(self.catalog.tasks) if self.catalog else 0,
+            "task_switches": engine.stats.switches,
+            "mixed_batches": engine.stats.mixed_batches,
+            "task_state_bytes": sum(t.state_bytes for t in tasks),
+            "device_task_state_bytes": engine.device_state_bytes,
+            "working_copy_bytes": engine.working.nbytes if engine.working else 0,
+            "tasks_registered": len(tasks),
             "queue_depth": self.batcher.depth(),
             "ready": float(self.ready and not self.catalog.registry_error),
         }

@@ -1,11 +1,9 @@
-"""Many clients and several tasks at once; a cache smaller than the working set."""
+"""Many clients and several tasks at once: batches that mix tasks, answers that do not."""
 
 import asyncio
 
 import pytest
-from server_support import TASKS, metric, png, serving, settings_for
-
-from masks import inference
+from server_support import TASKS, blocked_engine, metric, png, serving, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -41,28 +39,50 @@ async def test_concurrent_clients_several_tasks_no_mixups(
         assert metric(text, "piggy_tasks_registered") == 4
 
 
-async def test_cache_holding_two_tasks_cycles_through_four(
+async def test_mixed_batches_over_http_and_task_state_in_metrics(
     tmp_path, registry_dir, backbone, reference
 ):
-    one_task = inference.params_nbytes(
-        inference.materialise(reference.artifacts["alpha"], backbone)
-    )
-    budget = int(2.5 * one_task)
-    settings = settings_for(tmp_path, registry_dir, cache_bytes=budget)
+    """Eight clients over four tasks: batches mix tasks, every answer is its own task's."""
+    settings = settings_for(tmp_path, registry_dir, max_batch_size=8, max_delay_ms=50)
+    jobs = [(TASKS[i % len(TASKS)], png(300 + i)) for i in range(16)]
     async with serving(settings, backbone) as client:
-        for round_ in range(2):
-            for task in TASKS:
-                image = png(200 + round_)
-                r = await client.post(f"/predict?task={task}", content=image)
-                assert r.status_code == 200, r.text
-                reference.check(task, image, r.json()["results"][0])
+        posts = [client.post(f"/predict?task={task}", content=image) for task, image in jobs]
+        answers = await asyncio.wait_for(asyncio.gather(*posts), 120)
+        for (task, image), r in zip(jobs, answers, strict=True):
+            assert r.status_code == 200, r.text
+            reference.check(task, image, r.json()["results"][0])
         text = (await client.get("/metrics")).text
-        assert metric(text, "piggy_cache_evictions_total") >= 6
-        assert metric(text, "piggy_cache_misses_total") == 8
-        assert metric(text, "piggy_cache_entries") == 2
-        assert 0 < metric(text, "piggy_cache_bytes") <= budget
-        # A task still cached is a hit.
-        r = await client.post(f"/predict?task={TASKS[-1]}", content=png(1))
-        assert r.status_code == 200
-        text = (await client.get("/metrics")).text
-        assert metric(text, "piggy_cache_hits_total") == 1
+        assert metric(text, "piggy_mixed_batches_total") >= 1
+        assert metric(text, "piggy_batch_tasks_sum") > metric(text, "piggy_batch_tasks_count")
+        catalog = client.app.state.services.catalog
+        state_bytes = sum(t.state.nbytes for t in catalog.tasks.values())
+        assert metric(text, "piggy_task_state_bytes") == state_bytes > 0
+        assert metric(text, "piggy_working_copy_bytes") > 0
+
+
+async def test_requests_waiting_while_their_task_is_replaced_or_deleted(
+    tmp_path, registry_dir, backbone, reference
+):
+    """Requests already queued are answered by the version they were sent to."""
+    settings = settings_for(tmp_path, registry_dir, max_batch_size=8, max_delay_ms=20)
+    images = [png(400 + i) for i in range(4)]
+    async with serving(settings, backbone) as client:
+        release = blocked_engine(client)
+        sends = [("alpha", images[0]), ("gamma", images[1]), ("alpha", images[2])]
+        pending = [
+            asyncio.create_task(client.post(f"/predict?task={task}", content=image))
+            for task, image in sends
+        ]
+        await asyncio.sleep(0.5)  # decoded and queued behind the blocked engine
+        assert not any(p.done() for p in pending)
+        beta = (registry_dir / "beta.safetensors").read_bytes()
+        assert (await client.put("/tasks/alpha", content=beta)).status_code == 201
+        assert (await client.delete("/tasks/gamma")).status_code == 204
+        release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*pending), 60)
+        for (task, image), r in zip(sends, answers, strict=True):
+            assert r.status_code == 200, r.text
+            reference.check(task, image, r.json()["results"][0])
+        after = await client.post("/predict?task=alpha", content=images[3])
+        reference.check("beta", images[3], after.json()["results"][0])
+        assert (await client.post("/predict?task=gamma", content=images[3])).status_code == 404

@@ -1,36 +1,18 @@
-"""The parts alone: weight cache, folder registry, batcher scheduling, settings."""
+"""The parts alone: folder registry, batcher scheduling, settings."""
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from server.batcher import Batcher
-from server.cache import WeightCache
 from server.catalog import Task
+from server.errors import Overloaded
 from server.metrics import Metrics
 from server.registry import open_registry, valid_name
 from server.settings import Settings
-
-
-def params(nbytes: int) -> dict:
-    return {"w": torch.zeros(nbytes // 4)}
-
-
-def test_cache_is_lru_bounded_in_bytes():
-    cache = WeightCache(100)
-    cache.put(("a", "1"), params(40), 40)
-    cache.put(("b", "1"), params(40), 40)
-    assert cache.get(("a", "1")) is not None  # a is now the most recent
-    cache.put(("c", "1"), params(40), 40)
-    assert cache.get(("b", "1")) is None and cache.evictions == 1
-    assert cache.bytes == 80 and len(cache) == 2
-    cache.put(("huge", "1"), params(400), 400)  # bigger than the budget: not kept
-    assert cache.get(("huge", "1")) is None and cache.bytes == 80
-    cache.drop("a")
-    assert cache.get(("a", "1")) is None and cache.bytes == 40
-    assert (cache.hits, cache.misses) == (1, 3)
 
 
 @pytest.mark.parametrize("name", ["a", "flowers", "Task_2-b", "x" * 64])
@@ -61,18 +43,22 @@ async def test_dir_registry_atomic_put_list_delete(tmp_path):
 
 
 class FakeEngine:
+    """Records each batch as its rows' task names; answers each image with its own pixels."""
+
+    device = torch.device("cpu")
+
     def __init__(self, seconds: float = 0.01):
         self.seconds = seconds
-        self.batches: list[tuple[str, int]] = []
+        self.batches: list[list[str]] = []
 
-    async def predict(self, task, batch):
-        self.batches.append((task.name, len(batch)))
+    async def predict(self, rows, batch):
+        self.batches.append([row.key[0] for row in rows])
         await asyncio.sleep(self.seconds)
-        return batch.reshape(len(batch), -1)[:, :2]
+        return list(batch.reshape(len(batch), -1)[:, :2])
 
 
-def task(name: str, version: str = "1") -> Task:
-    return Task(name, version, 0, artifact=None)
+def task(name: str, version: str = "1", input_size: int = 32) -> Task:
+    return Task(name, version, 0, artifact=None, state=SimpleNamespace(input_size=input_size))
 
 
 @pytest.mark.anyio
@@ -84,7 +70,7 @@ async def test_batches_form_up_to_the_limit_and_keep_order():
         xs = [torch.full((2,), float(i)) for i in range(10)]
         out = await asyncio.wait_for(batcher.submit(task("a"), xs), 5)
         assert [float(o[0]) for o in out] == list(range(10))
-        assert engine.batches == [("a", 4), ("a", 4), ("a", 2)]
+        assert engine.batches == [["a"] * 4, ["a"] * 4, ["a"] * 2]
     finally:
         await batcher.close()
 
@@ -125,9 +111,60 @@ async def test_a_cancelled_request_is_dropped_from_its_queue():
         await asyncio.sleep(0.01)
         gone.cancel()
         await first
-        assert engine.batches == [("a", 1)]
+        assert engine.batches == [["a"]]
         await asyncio.wait_for(batcher.submit(task("a"), [torch.zeros(2)]), 5)
-        assert engine.batches == [("a", 1), ("a", 1)]
+        assert engine.batches == [["a"], ["a"]]
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_one_batch_mixes_tasks_oldest_image_first():
+    engine = FakeEngine()
+    batcher = Batcher(engine, Metrics(), max_batch_size=8, max_delay_s=0.05, queue_size=100)
+    batcher.start()
+    try:
+        jobs = []
+        for name in ("a", "b", "c", "d", "a", "b", "c", "d", "e"):
+            jobs.append(asyncio.create_task(batcher.submit(task(name), [torch.zeros(2)])))
+            await asyncio.sleep(0.001)  # distinct arrival times
+        await asyncio.wait_for(asyncio.gather(*jobs), 5)
+        # Full at 8 images from five queues: the 8 oldest go together, "e" waits its turn.
+        assert engine.batches == [list("abcdabcd"), ["e"]]
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_tasks_of_another_input_size_wait_for_their_own_batch():
+    engine = FakeEngine()
+    batcher = Batcher(engine, Metrics(), max_batch_size=8, max_delay_s=0.01, queue_size=100)
+    batcher.start()
+    try:
+        small = batcher.submit(task("small", input_size=32), [torch.zeros(2)] * 2)
+        large = batcher.submit(task("large", input_size=64), [torch.zeros(2)] * 3)
+        more = batcher.submit(task("more", input_size=32), [torch.zeros(2)])
+        await asyncio.wait_for(asyncio.gather(small, large, more), 5)
+        assert sorted(engine.batches) == [["large"] * 3, ["small", "small", "more"]]
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_per_task_queue_bound_holds_with_mixing():
+    engine = FakeEngine(seconds=0.2)
+    batcher = Batcher(engine, Metrics(), max_batch_size=2, max_delay_s=0, queue_size=3)
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.submit(task("a"), [torch.zeros(2)] * 2))
+        await asyncio.sleep(0.05)  # taken by the engine: the queue is empty again
+        waiting = asyncio.create_task(batcher.submit(task("a"), [torch.zeros(2)] * 3))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await batcher.submit(task("a"), [torch.zeros(2)])
+        other = await asyncio.wait_for(batcher.submit(task("b"), [torch.zeros(2)]), 5)
+        assert len(other) == 1  # another task's queue has its own bound
+        await asyncio.wait_for(asyncio.gather(first, waiting), 5)
     finally:
         await batcher.close()
 

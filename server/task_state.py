@@ -1,0 +1,101 @@
+"""A task as the engine holds it: a sparse patch of the working copy, its head and its BN.
+
+Built once when the task is registered (off the engine thread), from the artifact:
+- `zeroed`: the flat working-copy positions of the weights it switches off (int32,
+  layer by layer in slot order), with `counts` per layer;
+- `gather`/`out_channel`: for each of those weights, where its input lives in an image of
+  the layer's padded input and which output channel it feeds: what the mixed-batch
+  correction needs (server/mixed.py);
+- the head, and its own BN values at their positions in the BN buffer (if any).
+Nothing dense per task: memory grows with the weights a task switches off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from masks.artifact import TaskArtifact
+from server.geometry import Geometries
+from server.working_copy import WorkingCopy
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TaskState:
+    zeroed: torch.Tensor  # int32 [n]
+    counts: torch.Tensor  # int64 [layers]
+    gather: torch.Tensor  # int32 [n]
+    out_channel: torch.Tensor  # int16 [n] (int32 past 32k channels)
+    head_weight: torch.Tensor  # float32 [labels, features]
+    head_bias: torch.Tensor  # float32 [labels]
+    bn_positions: torch.Tensor  # int32 [m], empty without per-task BN
+    bn_values: torch.Tensor  # [m]
+    input_size: int
+
+    @property
+    def has_bn(self) -> bool:
+        return self.bn_positions.numel() > 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors().values())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> TaskState:
+        """On the engine's device; BN values in the engine's dtype, the head stays float32."""
+        moved = {k: t.to(device, non_blocking=True) for k, t in self._tensors().items()}
+        moved["bn_values"] = moved["bn_values"].to(dtype)
+        return replace(self, **moved)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+
+def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries) -> TaskState:
+    """The task state of a validated artifact (CPU tensors)."""
+    layers = geometries.at(artifact.input_size)
+    zeroed, gather, channel, counts = [], [], [], []
+    for slot, geometry in zip(working.slots, layers, strict=True):
+        logical = artifact.switched_off(slot.name, slot.numel)
+        offsets, out = geometry.gather_offsets(logical)
+        zeroed.append(slot.storage_positions(logical))
+        gather.append(offsets)
+        channel.append(out)
+        counts.append(logical.numel())
+    out_channel = torch.cat(channel)
+    narrow = torch.int16 if out_channel.numel() == 0 or out_channel.max() < 2**15 else torch.int32
+    bn_positions, bn_values = _bn_patch(artifact, working)
+    return TaskState(
+        zeroed=_int32(torch.cat(zeroed)),
+        counts=torch.tensor(counts, dtype=torch.int64),
+        gather=_int32(torch.cat(gather)),
+        out_channel=out_channel.to(narrow),
+        head_weight=artifact.head_weight.float().contiguous(),
+        head_bias=artifact.head_bias.float().contiguous(),
+        bn_positions=bn_positions,
+        bn_values=bn_values,
+        input_size=artifact.input_size,
+    )
+
+
+def _bn_patch(artifact: TaskArtifact, working: WorkingCopy) -> tuple[torch.Tensor, torch.Tensor]:
+    positions, values = [], []
+    for name, tensor in sorted(artifact.bn.items()):
+        start = working.bn_offsets[name]
+        positions.append(torch.arange(start, start + tensor.numel()))
+        values.append(tensor.reshape(-1).float())
+    if not positions:
+        return torch.empty(0, dtype=torch.int32), torch.empty(0)
+    return _int32(torch.cat(positions)), torch.cat(values)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    if t.numel() and t.max() > INT32_MAX:
+        raise ValueError("a position does not fit int32")
+    return t.to(torch.int32)

@@ -1,0 +1,163 @@
+"""The engine's one working copy of the masked weights, and where each weight lives in it.
+
+Every Conv2d/Linear weight that tasks mask becomes a view into ONE flat buffer (in the
+layout the module runs in, channels_last for convs), and a pristine copy of that buffer is
+kept beside it. Switching the copy from one task to another is then two indexed writes
+over the whole model: put back the weights the old task switched off, zero the ones the
+new task switches off. The forward is the plain module, no tensors swapped per call.
+BatchNorm tensors get the same treatment (one flat buffer, views, a pristine copy), so a
+task with its own BN switches in with two more indexed writes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from masks.backbones import Backbone
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One masked weight: its module, its place in the flat buffer and its memory strides."""
+
+    name: str
+    module: nn.Module
+    offset: int  # first element in the flat buffer
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # of the view into the flat buffer (channels_last for convs)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def storage_positions(self, logical: torch.Tensor) -> torch.Tensor:
+        """Row-major positions in the weight (as artifacts count) -> flat-buffer positions."""
+        coords = unravel(logical, self.shape)
+        strides = torch.tensor(self.strides, dtype=torch.int64)
+        return self.offset + (coords * strides).sum(dim=1)
+
+
+def unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """[n] row-major positions -> [n, len(shape)] coordinates."""
+    coords = []
+    for size in reversed(shape):
+        coords.append(flat % size)
+        flat = flat // size
+    return torch.stack(coords[::-1], dim=1)
+
+
+def _view_of(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A view of flat[offset:] with the shape and (dense, any order) strides of `like`."""
+    return flat.as_strided(like.shape, like.stride(), offset)
+
+
+class WorkingCopy:
+    """The masked weights and BN tensors of `backbone.module`, rebound as views of flat buffers.
+
+    `patched` is the key of the task whose switched-off weights are zeroed now (None: none).
+    Built once per engine, on the device; only the engine thread calls `switch`.
+    """
+
+    def __init__(self, backbone: Backbone):
+        module = backbone.module
+        self.slots = self._rebind_masked(module, backbone.maskable())
+        self.flat = self._flat_of_masked
+        self.base = self.flat.clone()
+        self.bn_offsets, self.bn_flat = self._rebind_batchnorm(module)
+        self.bn_base = self.bn_flat.clone()
+        self.patched = None
+        self._zeroed = torch.empty(0, dtype=torch.int32, device=self.flat.device)
+        self._bn_written = torch.empty(0, dtype=torch.int32, device=self.flat.device)
+
+    def _rebind_masked(self, module: nn.Module, weights: dict[str, nn.Parameter]) -> list[Slot]:
+        total = sum(w.numel() for w in weights.values())
+        first = next(iter(weights.values()))
+        flat = torch.empty(total, dtype=first.dtype, device=first.device)
+        layers = dict(module.named_modules())
+        slots, offset = [], 0
+        for name, weight in weights.items():
+            view = _view_of(flat, offset, weight)
+            view.copy_(weight.detach())
+            owner = layers[name.rpartition(".")[0]]
+            owner.weight = nn.Parameter(view, requires_grad=False)
+            slots.append(Slot(name, owner, offset, tuple(view.shape), tuple(view.stride())))
+            offset += weight.numel()
+        self._flat_of_masked = flat
+        return slots
+
+    def _rebind_batchnorm(self, module: nn.Module) -> tuple[dict[str, int], torch.Tensor]:
+        found = {}
+        self._bn_layers = []
+        for prefix, layer in module.named_modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                self._bn_layers.append((prefix, layer))
+                for attr in BN_TENSORS:
+                    tensor = getattr(layer, attr, None)
+                    if tensor is not None:
+                        found[f"{prefix}.{attr}"] = (layer, attr, tensor)
+        device = next(module.parameters()).device
+        dtype = next(module.parameters()).dtype
+        flat = torch.empty(sum(t.numel() for *_, t in found.values()), dtype=dtype, device=device)
+        offsets, offset = {}, 0
+        for name, (layer, attr, tensor) in found.items():
+            view = flat[offset : offset + tensor.numel()]
+            view.copy_(tensor.detach())
+            if attr in ("weight", "bias"):
+                setattr(layer, attr, nn.Parameter(view, requires_grad=False))
+            else:
+                setattr(layer, attr, view)  # a registered buffer: plain assignment rebinds it
+            offsets[name] = offset
+            offset += tensor.numel()
+        self.bn_sizes = {name: t.numel() for name, (_, _, t) in found.items()}
+        return offsets, flat
+
+    def bn_layers(self) -> list[tuple[str, nn.Module]]:
+        return self._bn_layers
+
+    def bn_vector(self, positions: torch.Tensor | None, values) -> torch.Tensor:
+        """The whole BN buffer as a task sees it: pristine, with its own values written."""
+        if positions is None or not positions.numel():
+            return self.bn_base
+        vector = self.bn_base.clone()
+        vector.index_put_((positions,), values)
+        return vector
+
+    def bn_slices(self, prefix: str, vector: torch.Tensor) -> list[torch.Tensor | None]:
+        """weight, bias, running_mean, running_var of BN layer `prefix` within `vector`."""
+        out = []
+        for attr in BN_TENSORS:
+            offset = self.bn_offsets.get(f"{prefix}.{attr}")
+            size = self.bn_sizes.get(f"{prefix}.{attr}", 0)
+            out.append(None if offset is None else vector[offset : offset + size])
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the working copy and its pristine twin (masked weights and BN)."""
+        return 2 * (self.flat.nbytes + self.bn_flat.nbytes)
+
+    def switch(self, key, zeroed: torch.Tensor, bn_positions: torch.Tensor, bn_values) -> None:
+        """Make the copy run task `key`: switched-off flat positions `zeroed` (int32, on the
+        device) and its own BN values at `bn_positions` (empty for a task without BN)."""
+        if key == self.patched:
+            return
+        if self._zeroed.numel():
+            self.flat.index_put_((self._zeroed,), self.base[self._zeroed])
+        if zeroed.numel():
+            self.flat.index_put_((zeroed,), torch.zeros((), dtype=self.flat.dtype))
+        if self._bn_written.numel():
+            self.bn_flat.index_put_((self._bn_written,), self.bn_base[self._bn_written])
+        if bn_positions.numel():
+            self.bn_flat.index_put_((bn_positions,), bn_values)
+        self._zeroed, self._bn_written, self.patched = zeroed, bn_positions, key
+
+    def reset(self) -> None:
+        """Back to the pristine backbone (no task)."""
+        empty = self._zeroed[:0]
+        self.switch(None, empty, empty, None)

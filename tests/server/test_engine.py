@@ -1,0 +1,159 @@
+"""The engine alone: a mixed batch answers what each task answers alone (masks.inference).
+
+Tasks here switch off 0%, 1%, 10% and 20% of the weights; one has its own BatchNorm.
+"""
+
+import random
+
+import pytest
+import torch
+from server_support import make_artifact
+from torch.func import functional_call
+
+from masks import inference
+from masks.backbones import BACKBONES, load_backbone
+from server.engine import Engine, Row
+from server.settings import Settings
+from server.task_state import TaskState
+
+SIZE = 32
+KEEP = {"dense": 1.0, "one": 0.99, "ten": 0.9, "fifth": 0.8}
+
+
+def start_engine(name: str) -> Engine:
+    engine = Engine(Settings(backbone=name, device="cpu"), load_backbone(name, "random"))
+    engine._load()
+    return engine
+
+
+def with_bn(artifact, backbone, seed: int):
+    """The artifact with its own BatchNorm tensors (perturbed copies of the backbone's)."""
+    g = torch.Generator().manual_seed(seed)
+    state = backbone.module.state_dict()
+    for key, tensor in state.items():
+        if key.endswith(("running_mean", "running_var", "weight", "bias")):
+            layer = key.rpartition(".")[0]
+            if f"{layer}.running_var" in state and tensor.dim() == 1:
+                noise = 1 + 0.2 * torch.rand(tensor.shape, generator=g)
+                artifact.bn[key] = tensor * noise
+    return artifact
+
+
+def features(backbone, artifact, x):
+    params = inference.materialise(artifact, backbone)
+    backbone_params = {k: v for k, v in params.items() if not k.startswith("head.")}
+    with torch.inference_mode():
+        return functional_call(backbone.module, backbone_params, (x,), strict=False)
+
+
+def expected(backbone, artifact, x):
+    params = inference.materialise(artifact, backbone)
+    with torch.inference_mode():
+        return torch.softmax(inference.forward(backbone, params, x), -1)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    reference = load_backbone("resnet18", "random")
+    engine = start_engine("resnet18")
+    arts = {
+        name: make_artifact(reference, name, n_labels=3 + i, seed=i, input_size=SIZE, keep=keep)
+        for i, (name, keep) in enumerate(KEEP.items())
+    }
+    arts["bn"] = with_bn(make_artifact(reference, "bn", seed=9, input_size=SIZE), reference, 9)
+    states = {name: engine.prepare(art) for name, art in arts.items()}
+    return reference, engine, arts, states
+
+
+def run(engine, states, names, x):
+    return engine._predict([Row((n, "1"), states[n]) for n in names], x)
+
+
+def check(reference, arts, names, x, got):
+    for i, name in enumerate(names):
+        want = expected(reference, arts[name], x[i : i + 1])[0]
+        assert torch.allclose(got[i], want, atol=1e-4, rtol=0), (name, got[i], want)
+
+
+def test_random_mixes_answer_as_each_task_alone(resnet):
+    reference, engine, arts, states = resnet
+    rng = random.Random(0)
+    x = torch.randn(8, 3, SIZE, SIZE)
+    for _ in range(6):
+        names = [rng.choice(list(arts)) for _ in range(8)]
+        check(reference, arts, names, x, run(engine, states, names, x))
+    assert engine.stats.mixed_batches >= 6
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["ten"] * 8,  # one task: the plain forward
+        ["fifth"] * 5 + ["one", "dense", "ten"],  # a majority task leads the working copy
+        ["one", "ten", "fifth", "dense"] * 2,  # no majority: the pristine backbone leads
+        ["bn"] * 5 + ["ten", "ten", "one"],  # a per-task-BN task leads
+        ["ten", "bn", "ten", "bn", "one", "dense", "fifth", "ten"],  # BN in the tail
+    ],
+)
+def test_each_shape_of_batch(resnet, names):
+    reference, engine, arts, states = resnet
+    x = torch.randn(len(names), 3, SIZE, SIZE)
+    check(reference, arts, names, x, run(engine, states, names, x))
+
+
+def test_the_lead_is_the_majority_task_or_the_pristine_backbone(resnet):
+    _, engine, _, states = resnet
+    x = torch.randn(4, 3, SIZE, SIZE)
+    run(engine, states, ["fifth", "fifth", "fifth", "one"], x)
+    assert engine.working.patched == ("fifth", "1")
+    x = torch.randn(5, 3, SIZE, SIZE)
+    run(engine, states, ["fifth", "fifth", "one", "ten", "ten"], x)
+    assert engine.working.patched is None  # no majority: every row corrects its own task
+
+
+def test_switching_back_restores_the_pristine_weights_exactly(resnet):
+    _, engine, _, states = resnet
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for name in ("fifth", "one", "bn", "ten"):
+        run(engine, states, [name, name], x)
+    assert engine.working.patched == ("ten", "1")
+    assert not torch.equal(engine.working.flat, engine.working.base)
+    engine.working.reset()
+    assert torch.equal(engine.working.flat, engine.working.base)
+    assert torch.equal(engine.working.bn_flat, engine.working.bn_base)
+
+
+def test_a_task_state_is_a_sparse_patch(resnet):
+    reference, _, arts, states = resnet
+    total = sum(w.numel() for w in reference.maskable().values())
+    state: TaskState = states["ten"]
+    off = state.zeroed.numel()
+    assert 0.09 * total < off < 0.11 * total
+    # int32 position + int32 input offset + int16 channel per switched-off weight; no dense copy.
+    assert state.nbytes == 10 * off + state.head_weight.nbytes + state.head_bias.nbytes + 8 * len(
+        reference.maskable()
+    )
+    assert states["dense"].zeroed.numel() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_mixes_exactly(name):
+    """Features of a mixed batch equal each task's alone, on every registered backbone."""
+    reference = load_backbone(name, "random")
+    engine = start_engine(name)
+    size = 64 if name == "mobilenet_v3_large" else SIZE
+    x = torch.randn(6, 3, size, size)
+    arts = {}
+    for i, keep in enumerate((0.99, 0.9, 0.8)):
+        art = make_artifact(reference, f"t{i}", seed=i, input_size=size, keep=keep)
+        # Random-init features can be tiny (mobilenet: ~1e-10): scale each head to them so
+        # that the probabilities compared below carry the features' differences.
+        scale = features(reference, art, x).std().clamp_min(1e-30)
+        art.head_weight = art.head_weight / scale
+        arts[art.task] = art
+    states = {n: engine.prepare(a) for n, a in arts.items()}
+    names = ["t0", "t1", "t2", "t1", "t0", "t2"]
+    check(reference, arts, names, x, run(engine, states, names, x))
+    alone = [expected(reference, arts[n], x[:1])[0] for n in ("t0", "t1", "t2")]
+    assert not torch.allclose(alone[0][:3], alone[1][:3], atol=1e-3)  # the tasks do differ
