@@ -3,8 +3,9 @@ its output, and how a weight position maps to an input element. The mixed-batch
 correction (server/mixed.py) needs this to gather, for a switched-off weight, the input
 values it multiplies.
 
-Traced once per input size on a copy of the module on the meta device: shapes only, no
-data, and the engine's own module is never touched from another thread.
+Traced once per input size on a copy of the module on the meta device (taken when the
+engine starts): shapes only, and the engine's own module is never touched from another
+thread.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Geometries:
     """LayerGeometry per slot, per input size; computed on first use, then cached."""
 
     def __init__(self, module: nn.Module, slots: list[Slot]):
-        self._module = module
+        # A shapes-only copy, taken now: later the engine's module may carry a mixed
+        # batch's hooks, which must not run in a trace from another thread.
+        self._meta = copy.deepcopy(module).to("meta")
         self._names = [s.name.rpartition(".")[0] for s in slots]
         self._cache: dict[int, list[LayerGeometry]] = {}
         self._lock = threading.Lock()
@@ -97,7 +100,7 @@ class Geometries:
             return self._cache[input_size]
 
     def _trace(self, input_size: int) -> list[LayerGeometry]:
-        meta = copy.deepcopy(self._module).to("meta")
+        meta = self._meta
         layers = dict(meta.named_modules())
         found: dict[str, LayerGeometry] = {}
 
