@@ -149,6 +149,23 @@ class Batcher:
             self.metrics.queue_wait.labels(item.task.name).observe(started - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tasks.observe(len({item.task.key for item in batch}))
+        try:
+            failed = await self._answer(batch)
+            if failed is not None and len({item.task.key for item in batch}) > 1:
+                # A mixed batch failed: run each task alone, so that only the requests of
+                # the task that fails (a bad task, a device fault on it) get the error.
+                log.warning("mixed batch failed (%s); running its tasks one by one", failed)
+                by_task: dict = {}
+                for item in batch:
+                    by_task.setdefault(item.task.key, []).append(item)
+                failed = None
+                for items in by_task.values():
+                    failed = await self._answer(items) or failed
+        finally:
+            self.metrics.compute.observe(time.monotonic() - started)
+
+    async def _answer(self, batch: list[_Item]) -> Exception | None:
+        """Run one batch and answer its requests; the exception if the engine failed."""
         rows = [Row(item.task.key, item.task.state) for item in batch]
         x = torch.stack([item.x for item in batch])
         if self.engine.device.type == "cuda":
@@ -160,18 +177,19 @@ class Batcher:
                 item.future.cancel()
             raise
         except Exception as exc:
+            if len({item.task.key for item in batch}) > 1:
+                return exc  # the caller retries task by task
             names = sorted({item.task.name for item in batch})
-            log.exception("batch of %d for tasks %s failed", len(batch), names)
+            log.exception("batch of %d for task %s failed", len(batch), names[0])
             failed = BatchFailed(
-                f"the batch of {len(batch)} images for tasks {names} failed: "
+                f"the batch of {len(batch)} images for task {names[0]!r} failed: "
                 f"{type(exc).__name__}: {exc}"
             )
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(failed)
-            return
-        finally:
-            self.metrics.compute.observe(time.monotonic() - started)
+            return exc
         for item, p in zip(batch, probs, strict=True):
             if not item.future.done():
                 item.future.set_result(p)
+        return None

@@ -68,14 +68,15 @@ async def test_a_burst_at_5x_capacity(tmp_path, registry_dir, backbone, referenc
 
 
 async def test_a_failing_batch_fails_only_its_own_requests(settings, backbone, reference):
+    """A mixed batch that fails is retried task by task: only beta's requests get a 500."""
     async with serving(settings, backbone) as client:
         engine = client.app.state.services.engine
         original, broken = engine._predict, threading.Event()
 
-        def predict(task, batch):
-            if task.name == "beta" and broken.is_set():
+        def predict(rows, batch):
+            if broken.is_set() and any(row.key[0] == "beta" for row in rows):
                 raise RuntimeError("simulated device fault")
-            return original(task, batch)
+            return original(rows, batch)
 
         engine._predict = predict
         broken.set()
@@ -101,6 +102,8 @@ async def test_a_failing_batch_fails_only_its_own_requests(settings, backbone, r
 
 async def test_clients_that_go_away_leak_nothing(settings, backbone, reference):
     process = psutil.Process()
+    # Small batches: with the engine blocked, one batch is taken and the rest stay queued.
+    settings = settings.model_copy(update={"max_batch_size": 4})
     async with serving(settings, backbone) as client:
         batcher = client.app.state.services.batcher
         await post(client, "alpha", png(1))
