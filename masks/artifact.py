@@ -4,13 +4,19 @@ Tensors
     mask.<param>   uint8, the 0/1 mask of backbone weight <param>, flattened in row-major
                    order and bit-packed like numpy.packbits (bitorder="big": the first
                    weight is the most significant bit of byte 0; the last byte is
-                   zero-padded)
+                   zero-padded). Format 1: every masked parameter; format 2: those whose
+                   coding is "bitmap".
+    off.<param>    format 2: uint8, the Elias–Fano coded sorted positions of the weights of
+                   <param> switched off (coding "elias-fano", see masks/codec.py); absent
+                   when none is switched off
     head.weight    float32 [num_labels, num_features]
     head.bias      float32 [num_labels]
     bn.<name>.{weight,bias,running_mean,running_var}   optional per-task BatchNorm
 Metadata (all strings)
-    format, task, backbone, backbone_sha256, labels (JSON list), threshold,
-    input_size, mean, std (JSON lists), metrics (JSON object), created (ISO 8601)
+    format ("1" or "2"), task, backbone, backbone_sha256, labels (JSON list), threshold,
+    input_size, mean, std (JSON lists), metrics (JSON object), created (ISO 8601);
+    format 2 adds masks: JSON {param: [coding, switched-off count, numel]} for every
+    masked parameter
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from masks import codec
 from masks.backbones import Backbone
+from masks.codec import Mask
 from masks.errors import ArtifactError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what the writer writes
+FORMATS = ("1", "2")  # what the reader reads
+TENSOR_PREFIX = {codec.BITMAP: "mask", codec.ELIAS_FANO: "off"}
 METADATA_FIELDS = (
     "format",
     "task",
@@ -49,25 +58,17 @@ METADATA_FIELDS = (
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a boolean tensor (any shape) into a flat uint8 tensor."""
-    flat = mask.detach().to("cpu", torch.bool).reshape(-1).numpy()
-    return torch.from_numpy(np.packbits(flat))
+def pack_mask(mask: torch.Tensor) -> Mask:
+    """A task's mask of one parameter from its bool tensor (True = weight kept)."""
+    return Mask.from_bool(mask)
 
 
-def unpack_mask(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of pack_mask: a bool tensor of `shape`, on the device `bits` lives on."""
-    numel = math.prod(shape)
-    # Unpacking on the device with shifts keeps a cold task cheap on a GPU.
-    shifts = torch.arange(7, -1, -1, device=bits.device, dtype=torch.uint8)
-    unpacked = (bits.reshape(-1, 1) >> shifts) & 1
-    return unpacked.reshape(-1)[:numel].reshape(shape).bool()
+unpack_mask = codec.unpack_bits
 
 
 def off_positions(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """Sorted row-major positions (int64) of the switched-off weights of a packed mask."""
-    flat = np.unpackbits(bits.detach().cpu().numpy(), count=numel)
-    return torch.from_numpy(np.flatnonzero(flat == 0))
+    return Mask(numel=numel, bits=bits).switched_off(numel)
 
 
 def packed_size(numel: int) -> int:
@@ -82,7 +83,7 @@ class TaskArtifact:
     backbone: str
     backbone_sha256: str
     labels: list[str]
-    masks: dict[str, torch.Tensor]  # param name -> packed uint8 bits
+    masks: dict[str, Mask]  # param name -> its mask (a bare uint8 tensor: format 1's bits)
     head_weight: torch.Tensor
     head_bias: torch.Tensor
     threshold: float
@@ -93,23 +94,52 @@ class TaskArtifact:
     bn: dict[str, torch.Tensor] = field(default_factory=dict)  # "<bn>.<suffix>" -> tensor
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
+    def __post_init__(self):
+        self.masks = {
+            n: m if isinstance(m, Mask) else Mask(numel=None, bits=m) for n, m in self.masks.items()
+        }
+
     def switched_off(self, name: str, numel: int) -> torch.Tensor:
         """Sorted row-major positions (int64) of the weights of `name` this task switches off.
 
         The engine builds a task's sparse patch from these; `numel` is the weight's size.
+        Positions-coded masks (format 2) return their decoded positions as they are.
         """
-        return off_positions(self.masks[name], numel)
+        return self.masks[name].switched_off(numel)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"mask.{n}": b.contiguous() for n, b in self.masks.items()}
+    def mask(self, name: str, shape: torch.Size | tuple[int, ...], device=None) -> torch.Tensor:
+        """The mask of `name` as a bool tensor of `shape` (True = weight kept)."""
+        return self.masks[name].dense(shape, device)
+
+    def parts(self, version: str = FORMAT_VERSION) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata) of the file in format `version` ("1" or "2")."""
+        if version not in FORMATS:
+            raise ValueError(f"format {version!r}: choose one of {', '.join(FORMATS)}")
+        out, meta = {}, self._metadata(version)
+        if version == "1":
+            out = {f"mask.{n}": _bitmap(n, m) for n, m in self.masks.items()}
+        else:
+            table = {}
+            for name, mask in self.masks.items():
+                coding, count, stream = mask.coded()
+                table[name] = [coding, count, mask.numel]
+                if stream.size:
+                    out[f"{TENSOR_PREFIX[coding]}.{name}"] = torch.from_numpy(stream)
+            meta["masks"] = json.dumps(table, separators=(",", ":"))
         out["head.weight"] = self.head_weight.detach().float().contiguous()
         out["head.bias"] = self.head_bias.detach().float().contiguous()
         out.update({f"bn.{n}": t.detach().float().contiguous() for n, t in self.bn.items()})
-        return {k: v.cpu() for k, v in out.items()}
+        return {k: v.cpu().contiguous() for k, v in out.items()}, meta
 
-    def metadata(self) -> dict[str, str]:
+    def tensors(self, version: str = FORMAT_VERSION) -> dict[str, torch.Tensor]:
+        return self.parts(version)[0]
+
+    def metadata(self, version: str = FORMAT_VERSION) -> dict[str, str]:
+        return self.parts(version)[1]
+
+    def _metadata(self, version: str) -> dict[str, str]:
         return {
-            "format": FORMAT_VERSION,
+            "format": version,
             "task": self.task,
             "backbone": self.backbone,
             "backbone_sha256": self.backbone_sha256,
@@ -123,12 +153,23 @@ class TaskArtifact:
         }
 
 
-def to_bytes(artifact: TaskArtifact) -> bytes:
-    return st_save(artifact.tensors(), metadata=artifact.metadata())
+def _bitmap(name: str, mask: Mask) -> torch.Tensor:
+    if mask.bits is not None:
+        return mask.bits
+    return torch.from_numpy(mask.coded(codec.BITMAP)[2])
 
 
-def write(artifact: TaskArtifact, path: str | Path) -> Path:
-    return write_atomic(Path(path), to_bytes(artifact))
+def to_bytes(artifact: TaskArtifact, version: str = FORMAT_VERSION) -> bytes:
+    """The artifact as a file of format `version`; format 2 needs every mask's size."""
+    try:
+        tensors, meta = artifact.parts(version)
+    except ValueError as exc:
+        raise ArtifactError("mask", str(exc)) from None
+    return st_save(tensors, metadata=meta)
+
+
+def write(artifact: TaskArtifact, path: str | Path, version: str = FORMAT_VERSION) -> Path:
+    return write_atomic(Path(path), to_bytes(artifact, version))
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
@@ -197,9 +238,9 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     for name in METADATA_FIELDS:
         if name not in meta:
             raise ArtifactError(name, "missing from the metadata")
-    if meta["format"] != FORMAT_VERSION:
+    if meta["format"] not in FORMATS:
         raise ArtifactError(
-            "format", f"version {meta['format']!r} is not supported (expected {FORMAT_VERSION!r})"
+            "format", f"version {meta['format']!r} is not supported (reads {', '.join(FORMATS)})"
         )
     labels = _json_field(meta, "labels", list)
     if not labels or not all(isinstance(label, str) for label in labels):
@@ -210,13 +251,13 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
             raise ArtifactError(name, "must be a list of 3 numbers")
     if not all(v > 0 for v in std):
         raise ArtifactError("std", "must be positive")
-    masks, bn, head = {}, {}, {}
+    streams, bn, head = {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, name = key.partition(".")
-        if kind == "mask" and name:
+        if kind in TENSOR_PREFIX.values() and name:
             if tensor.dtype != torch.uint8 or tensor.dim() != 1:
                 raise ArtifactError(key, f"must be a 1-D uint8 tensor, got {tensor.dtype}")
-            masks[name] = tensor
+            streams[key] = tensor
         elif kind == "bn" and name.rpartition(".")[2] in BN_SUFFIXES:
             bn[name] = _float_tensor(key, tensor)
         elif key in ("head.weight", "head.bias"):
@@ -226,6 +267,7 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     for key in ("head.weight", "head.bias"):
         if key not in head:
             raise ArtifactError(key, "missing tensor")
+    masks = _bitmaps(streams) if meta["format"] == "1" else _coded_masks(meta, streams)
     if not masks:
         raise ArtifactError("mask", "the artifact holds no masks")
     return TaskArtifact(
@@ -244,6 +286,51 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
         bn=bn,
         created=meta["created"],
     )
+
+
+def _bitmaps(streams: dict[str, torch.Tensor]) -> dict[str, Mask]:
+    """Format 1: one bitmap per parameter, sized when validated against the backbone."""
+    masks = {}
+    for key, bits in streams.items():
+        kind, _, name = key.partition(".")
+        if kind != "mask":
+            raise ArtifactError(key, "unexpected tensor (format 1 codes masks as mask.*)")
+        masks[name] = Mask(numel=None, bits=bits)
+    return masks
+
+
+def _coded_masks(meta: dict[str, str], streams: dict[str, torch.Tensor]) -> dict[str, Mask]:
+    """Format 2: every parameter listed in `masks`, its stream decoded and checked."""
+    if "masks" not in meta:
+        raise ArtifactError("masks", "missing from the metadata")
+    masks = {}
+    for name, entry in _json_field(meta, "masks", dict).items():
+        field = f"mask.{name}"
+        coding, count, numel = _mask_entry(field, entry)
+        stream = streams.pop(f"{TENSOR_PREFIX[coding]}.{name}", torch.zeros(0, dtype=torch.uint8))
+        try:
+            off = codec.decode(coding, stream.numpy(), count, numel)
+        except codec.CodingError as exc:
+            raise ArtifactError(field, str(exc)) from None
+        bits = stream if coding == codec.BITMAP else None
+        masks[name] = Mask(numel=numel, bits=bits, off=torch.from_numpy(off))
+    for key in streams:
+        raise ArtifactError(key, "unexpected tensor (not listed under that coding in masks)")
+    return masks
+
+
+def _mask_entry(field: str, entry) -> tuple[str, int, int]:
+    """[coding, count, numel] from format 2's masks metadata, each checked."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        raise ArtifactError(field, f"masks entry must be [coding, count, numel], got {entry!r}")
+    coding, count, numel = entry
+    if coding not in codec.CODINGS:
+        raise ArtifactError(field, f"unknown coding {coding!r} (known: {', '.join(codec.CODINGS)})")
+    if type(numel) is not int or numel < 1:
+        raise ArtifactError(field, f"numel must be a positive integer, got {numel!r}")
+    if type(count) is not int or not 0 <= count <= numel:
+        raise ArtifactError(field, f"count must be an integer in 0..{numel}, got {count!r}")
+    return coding, count, numel
 
 
 def _float_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -265,7 +352,10 @@ def _check_head(artifact: TaskArtifact) -> None:
 
 
 def validate(artifact: TaskArtifact, backbone: Backbone) -> None:
-    """Check that the artifact was learned on exactly this backbone and fits it."""
+    """Check that the artifact was learned on exactly this backbone and fits it.
+
+    Format-1 bitmaps learn their parameter's size here (the file cannot say it exactly).
+    """
     if artifact.backbone != backbone.name:
         raise ArtifactError(
             "backbone", f"artifact is for {artifact.backbone!r}, server runs {backbone.name!r}"
@@ -284,19 +374,31 @@ def validate(artifact: TaskArtifact, backbone: Backbone) -> None:
     if extra:
         raise ArtifactError(f"mask.{extra[0]}", "no such maskable weight in the backbone")
     for name, weight in weights.items():
-        expected = packed_size(weight.numel())
-        if artifact.masks[name].numel() != expected:
-            raise ArtifactError(
-                f"mask.{name}",
-                f"{artifact.masks[name].numel() * 8} bits do not fit {weight.numel()} weights "
-                f"(expected {expected} bytes)",
-            )
+        artifact.masks[name] = _sized(name, artifact.masks[name], weight.numel())
     if artifact.head_weight.shape[1] != backbone.num_features:
         raise ArtifactError(
             "head.weight",
             f"{artifact.head_weight.shape[1]} inputs, backbone gives {backbone.num_features}",
         )
     _check_bn(artifact, backbone)
+
+
+def _sized(name: str, mask: Mask, numel: int) -> Mask:
+    """The mask, checked to cover `numel` weights; a format-1 bitmap learns its size here."""
+    if mask.numel is None:
+        expected = packed_size(numel)
+        if mask.bits.numel() != expected:
+            raise ArtifactError(
+                f"mask.{name}",
+                f"{mask.bits.numel() * 8} bits do not fit {numel} weights "
+                f"(expected {expected} bytes)",
+            )
+        return mask.sized(numel)
+    if mask.numel != numel:
+        raise ArtifactError(
+            f"mask.{name}", f"codes {mask.numel} weights, the backbone's parameter has {numel}"
+        )
+    return mask
 
 
 def _check_bn(artifact: TaskArtifact, backbone: Backbone) -> None:

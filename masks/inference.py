@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from masks.artifact import TaskArtifact, unpack_mask
+from masks.artifact import TaskArtifact
 from masks.backbones import Backbone
 
 
@@ -24,7 +24,7 @@ def materialise(
     params: dict[str, torch.Tensor] = {}
     for name, weight in weights.items():
         weight = weight.detach().to(device)
-        mask = unpack_mask(artifact.masks[name].to(device), weight.shape)
+        mask = artifact.mask(name, weight.shape, device)
         params[name] = (weight * mask).to(dtype or weight.dtype)
     for name, tensor in artifact.bn.items():
         params[name] = tensor.to(device, dtype or tensor.dtype)
