@@ -20,6 +20,7 @@ from masks import artifact as artifacts
 from masks import inference
 from masks.artifact import TaskArtifact, packed_size
 from masks.backbones import BACKBONES, Backbone, load_backbone
+from masks.codec import Mask
 from masks.data import to_tensor
 
 N_LABELS = 10
@@ -58,7 +59,9 @@ def random_bits(numel: int, rng: np.random.Generator) -> torch.Tensor:
 def make_artifact(backbone: Backbone, name: str, seed: int, input_size: int) -> TaskArtifact:
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    masks = {n: random_bits(w.numel(), rng) for n, w in backbone.maskable().items()}
+    masks = {
+        n: Mask(w.numel(), bits=random_bits(w.numel(), rng)) for n, w in backbone.maskable().items()
+    }
     head = torch.randn(N_LABELS, backbone.num_features, generator=g) / backbone.num_features**0.5
     return TaskArtifact(
         task=name,

@@ -197,6 +197,11 @@ def read(source: str | Path | bytes) -> TaskArtifact:
     return artifact
 
 
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The file's metadata strings as stored (format 2's masks table included)."""
+    return _parse(data)[1]
+
+
 def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if len(data) < 8:
         raise ArtifactError("file", "too short to be a safetensors file")

@@ -1,4 +1,4 @@
-"""piggy-masks: learn a task, inspect an artifact, build or install the demo."""
+"""piggy-masks: learn a task, inspect or convert an artifact, build or install the demo."""
 
 from __future__ import annotations
 
@@ -47,17 +47,48 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    art = artifact.read(args.file)
-    meta = art.metadata()
+    data = Path(args.file).read_bytes()
+    art = artifact.read(data)
+    meta = artifact.read_metadata(data)
+    meta.pop("masks", None)  # format 2's table: shown per parameter below
     meta["labels"], meta["metrics"] = art.labels, art.metrics
     print(json.dumps(meta, indent=2))
-    print(f"masks: {len(art.masks)} tensors, {sum(b.numel() for b in art.masks.values()):,} bytes")
     if art.bn:
         print(f"per-task BatchNorm: {len(art.bn)} tensors")
     if not args.no_backbone:
         backbone = load_backbone(art.backbone, args.weights)
-        artifact.validate(art, backbone)
+        artifact.validate(art, backbone)  # also sizes a format-1 file's bitmaps
         print(f"valid for backbone {backbone.name} ({backbone.fingerprint[:16]}…)")
+    print(_mask_table(art, artifact.read_metadata(data)["format"], len(data)))
+
+
+def _mask_table(art: artifact.TaskArtifact, version: str, file_bytes: int) -> str:
+    """Per parameter: size, switched off, coding, bytes; then bits per masked weight."""
+    rows, masked = [], 0
+    for name, mask in sorted(art.masks.items()):
+        if mask.numel is None:  # format 1 without the backbone: size up to 7 bits over
+            numel, off, coding, size = mask.bits.numel() * 8, "?", "bitmap", mask.bits.numel()
+        else:
+            numel, off = mask.numel, mask.switched_off(mask.numel).numel()
+            coding = "bitmap" if version == "1" else mask.coded()[0]
+            size = artifact.codec.coded_size(coding, off, numel)
+        masked += numel
+        rows.append(f"  {name:<40} {numel:>9,} {off!s:>8} {coding:<11} {size:>8,}")
+    head = f"  {'parameter':<40} {'weights':>9} {'off':>8} {'coding':<11} {'bytes':>8}"
+    bits = 8 * file_bytes / masked
+    return "\n".join(
+        [f"masks (format {version}):", head, *rows]
+        + [f"{file_bytes:,} bytes for {masked:,} masked weights: {bits:.3f} bits per weight"]
+    )
+
+
+def _convert(args: argparse.Namespace) -> None:
+    art = artifact.read(args.input)
+    backbone = load_backbone(art.backbone, args.weights)
+    artifact.validate(art, backbone)  # format 1's bitmaps need the backbone to know their size
+    out = artifact.write(art, args.output, args.to)
+    before, after = Path(args.input).stat().st_size, out.stat().st_size
+    print(f"wrote {out} (format {args.to}): {before:,} -> {after:,} bytes")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -114,6 +145,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--weights", help="backbone weights file (default: pretrained)")
     i.add_argument("--no-backbone", action="store_true", help="skip the backbone check")
     i.set_defaults(func=_inspect)
+
+    c = sub.add_parser("convert", help="rewrite an artifact in format 2 (or back to format 1)")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", choices=artifact.FORMATS, default=artifact.FORMAT_VERSION)
+    c.add_argument("--weights", help="backbone weights file (default: pretrained)")
+    c.set_defaults(func=_convert)
 
     m = sub.add_parser("demo", help="install (or --rebuild) the demo tasks")
     m.add_argument("--rebuild", action="store_true", help="retrain the tasks from the data")

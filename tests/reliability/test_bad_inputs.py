@@ -20,6 +20,7 @@ from safetensors.torch import save
 from server_support import make_artifact, png, png_header, serving, settings_for
 
 from masks import artifact as artifacts
+from masks import codec
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
@@ -188,10 +189,12 @@ def bad_artifacts(backbone) -> dict[str, tuple[bytes, str]]:
     first = next(iter(good.masks))
     n, features = len(good.labels), backbone.num_features
 
-    def changed(**changes) -> bytes:
-        tensors, meta = good.tensors(), good.metadata()
+    def changed(version="2", **changes) -> bytes:
+        tensors, meta = good.parts(version)
         for key, value in changes.items():
-            if key.startswith("meta_"):
+            if key.startswith("meta_") and value is None:
+                del meta[key[5:]]
+            elif key.startswith("meta_"):
                 meta[key[5:]] = value
             elif value is None:
                 del tensors[key.replace("__", ".")]
@@ -205,7 +208,8 @@ def bad_artifacts(backbone) -> dict[str, tuple[bytes, str]]:
         z.writestr("archive/version", "3\n")
     mask = f"mask.{first}"
     m = {mask.replace(".", "__"): None}
-    return {
+    bits = good.masks[first].bits
+    return format_2_cases(good, changed) | {
         "pickle": (MALICIOUS_PICKLE, "file"),
         "zip (torch.save)": (zipped.getvalue(), "file"),
         "lying header length": ((10**12).to_bytes(8, "little") + data[8:], "file"),
@@ -214,10 +218,12 @@ def bad_artifacts(backbone) -> dict[str, tuple[bytes, str]]:
             "file",
         ),
         "header not JSON": ((6).to_bytes(8, "little") + b"{nope!" + b"\0" * 16, "file"),
-        "mask as float32": (changed(**{mask: good.masks[first].float()}), mask),
-        "mask too short": (changed(**{mask: good.masks[first][:-1].clone()}), mask),
-        "mask missing": (changed(**m), "mask."),
-        "extra mask": (changed(mask__nope__weight=torch.zeros(4, dtype=torch.uint8)), "mask.nope"),
+        "v1 mask as float32": (changed("1", **{mask: bits.float()}), mask),
+        "v1 mask too short": (changed("1", **{mask: bits[:-1].clone()}), mask),
+        "v1 mask missing": (changed("1", **m), "mask."),
+        "v1 extra mask": (
+            changed("1", mask__nope__weight=torch.zeros(4, dtype=torch.uint8)), "mask.nope"
+        ),
         "extra tensor": (changed(surprise=torch.zeros(1)), "surprise"),
         "head.weight int": (
             changed(head__weight=torch.zeros(n, features, dtype=torch.int32)), "head.weight"
@@ -237,6 +243,46 @@ def bad_artifacts(backbone) -> dict[str, tuple[bytes, str]]:
         "another backbone": (changed(meta_backbone="resnet50"), "backbone"),
         "another backbone's weights": (changed(meta_backbone_sha256="f" * 64), "backbone_sha256"),
     }  # fmt: skip
+
+
+def format_2_cases(good, changed) -> dict[str, tuple[bytes, str]]:
+    """Format 2's coded masks, each wrong in one way; upload body -> the field to name."""
+    first = next(iter(good.masks))
+    numel = good.masks[first].numel
+    off = good.masks[first].switched_off(numel).numpy()
+    field, key = f"mask.{first}", f"off.{first}".replace(".", "__")
+    table = json.loads(good.metadata()["masks"])
+    assert table[first][0] == codec.ELIAS_FANO  # 10% switched off: coded as positions
+    stream = good.tensors()[f"off.{first}"]
+
+    def entry(value, **tensors) -> bytes:
+        return changed(meta_masks=json.dumps(table | {first: value}), **tensors)
+
+    def positions(bad: np.ndarray) -> bytes:  # the coder codes what it is given, unchecked
+        return changed(**{key: torch.from_numpy(codec.encode(codec.ELIAS_FANO, bad, numel))})
+
+    low = codec.low_bits(off.size, numel)
+    past_end, repeated = off.copy(), off.copy()
+    past_end[-1] = (((numel - 1) >> low) + 1) << low  # >= numel, yet fits the stream
+    repeated[1] = repeated[0]
+    return {
+        "v2 position out of range": (positions(past_end), field),
+        "v2 positions repeated": (positions(repeated), field),
+        "v2 count disagrees": (entry([codec.ELIAS_FANO, off.size - 1, numel]), field),
+        "v2 stream truncated": (changed(**{key: stream[:-1].clone()}), field),
+        "v2 stream missing": (changed(**{key: None}), field),
+        "v2 stream too long": (changed(**{key: torch.cat([stream, stream])}), field),
+        "v2 bomb: 10^15 weights declared": (entry([codec.ELIAS_FANO, 10**14, 10**15]), field),
+        "v2 more off than weights": (entry([codec.BITMAP, numel + 1, numel]), field),
+        "v2 unknown coding": (entry(["zstd", off.size, numel]), field),
+        "v2 numel not the backbone's": (
+            entry([codec.ELIAS_FANO, 0, numel + 8], **{key: None}),
+            field,
+        ),
+        "v2 masks not JSON": (changed(meta_masks="{nope"), "masks"),
+        "v2 masks missing": (changed(meta_masks=None), "masks"),
+        "v2 stream not listed": (changed(off__nope__weight=stream), "off.nope.weight"),
+    }
 
 
 async def test_bad_artifacts_are_422_naming_the_problem_registry_unchanged(

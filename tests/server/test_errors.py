@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+import torch
 from server_support import (
     blocked_engine,
     make_artifact,
@@ -14,6 +15,7 @@ from server_support import (
 )
 
 from masks import artifact as artifacts
+from masks.artifact import pack_mask
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
@@ -109,7 +111,7 @@ async def test_422_invalid_artifacts_leave_the_registry_alone(
     foreign.backbone_sha256 = "0" * 64
     short_mask = make_artifact(backbone, "alpha", seed=9)
     name = next(iter(short_mask.masks))
-    short_mask.masks[name] = short_mask.masks[name][:-1]
+    short_mask.masks[name] = pack_mask(torch.ones(short_mask.masks[name].numel - 1, dtype=bool))
     async with serving(settings, backbone) as client:
         err = await expect(await client.put("/tasks/alpha", content=b"garbage" * 10), 422)
         assert err["code"] == "invalid_artifact" and err["message"].startswith("file")
