@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -42,6 +43,7 @@ from masks.errors import ArtifactError
 FORMAT_VERSION = "2"  # what the writer writes
 FORMATS = ("1", "2")  # what the reader reads
 TENSOR_PREFIX = {codec.BITMAP: "mask", codec.ELIAS_FANO: "off"}
+NO_BYTES = np.zeros(0, dtype=np.uint8)  # a stream left out of the file: it codes 0 bytes
 METADATA_FIELDS = (
     "format",
     "task",
@@ -312,9 +314,9 @@ def _coded_masks(meta: dict[str, str], streams: dict[str, torch.Tensor]) -> dict
     for name, entry in _json_field(meta, "masks", dict).items():
         field = f"mask.{name}"
         coding, count, numel = _mask_entry(field, entry)
-        stream = streams.pop(f"{TENSOR_PREFIX[coding]}.{name}", torch.zeros(0, dtype=torch.uint8))
+        stream = streams.pop(f"{TENSOR_PREFIX[coding]}.{name}", None)
         try:
-            off = codec.decode(coding, stream.numpy(), count, numel)
+            off = codec.decode(coding, NO_BYTES if stream is None else stream.numpy(), count, numel)
         except codec.CodingError as exc:
             raise ArtifactError(field, str(exc)) from None
         bits = stream if coding == codec.BITMAP else None
@@ -407,6 +409,8 @@ def _sized(name: str, mask: Mask, numel: int) -> Mask:
 
 
 def _check_bn(artifact: TaskArtifact, backbone: Backbone) -> None:
+    if not artifact.bn:
+        return  # the state dict costs more than decoding a task's masks
     state = backbone.module.state_dict()
     for name, tensor in artifact.bn.items():
         if name not in state or state[name].shape != tensor.shape:
