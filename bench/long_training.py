@@ -28,12 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--test-size", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--artifact", help="piggyback only: write the task here")
     p.add_argument("--results", default="bench/results/tmp/long_training.jsonl")
     args = p.parse_args(argv)
     backbone = load_backbone(demo.DEMO_BACKBONE)
     dataset = data.fashion_mnist(args.seed, args.train_size, args.test_size)
-    config = train.TrainConfig(mode=args.mode, epochs=args.epochs, seed=args.seed)
+    config = train.TrainConfig(
+        mode=args.mode, epochs=args.epochs, seed=args.seed, device=args.device
+    )
     result = train.train(backbone, dataset, config)
     row = {
         "mode": args.mode,
