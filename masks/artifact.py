@@ -119,7 +119,7 @@ class TaskArtifact:
             raise ValueError(f"format {version!r}: choose one of {', '.join(FORMATS)}")
         out, meta = {}, self._metadata(version)
         if version == "1":
-            out = {f"mask.{n}": _bitmap(n, m) for n, m in self.masks.items()}
+            out = {f"mask.{n}": _bitmap(m) for n, m in self.masks.items()}
         else:
             table = {}
             for name, mask in self.masks.items():
@@ -155,7 +155,7 @@ class TaskArtifact:
         }
 
 
-def _bitmap(name: str, mask: Mask) -> torch.Tensor:
+def _bitmap(mask: Mask) -> torch.Tensor:
     if mask.bits is not None:
         return mask.bits
     return torch.from_numpy(mask.coded(codec.BITMAP)[2])
@@ -321,7 +321,8 @@ def _coded_masks(meta: dict[str, str], streams: dict[str, torch.Tensor]) -> dict
             raise ArtifactError(field, str(exc)) from None
         bits = stream if coding == codec.BITMAP else None
         masks[name] = Mask(numel=numel, bits=bits, off=torch.from_numpy(off))
-    for key in streams:
+    if streams:
+        key = next(iter(streams))
         raise ArtifactError(key, "unexpected tensor (not listed under that coding in masks)")
     return masks
 

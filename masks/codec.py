@@ -11,10 +11,11 @@ elias-fano  the positions, Elias–Fano coded. With n = len(off) and l = floor(l
             like the bitmap and padded to a byte. n = 0 codes to zero bytes.
 
 The writer picks whichever is smaller per parameter (Elias–Fano below ~1/4 switched off).
-Why Elias–Fano: on the demo tasks (0.4-1.2% switched off) it came within 6-7% of the masks'
-entropy, smaller than varint gaps (+12%) and close to varint gaps + zstd -19 (2-5% smaller on
-two tasks, 3% larger on one), and it decodes with a few numpy calls and no compressor: its size
-follows from (n, numel) alone, so a stream is checked against that size before it is decoded.
+Why Elias–Fano (`python -m bench.codings` on the demo tasks, 0.4-1.2% switched off): within
+6-7% of the masks' entropy; varint gaps take 19-24% more, varint gaps + zstd -19 8% more on
+two tasks and 3% less on one; all decode a task in about the same 3 ms. Elias–Fano needs no
+compressor, and its size follows from (n, numel) alone, so a stream is checked against that
+size before anything is decoded (no decompression bomb to guard against).
 """
 
 from __future__ import annotations
