@@ -95,7 +95,8 @@ def _demo(args: argparse.Namespace) -> None:
     backbone = demo.load_demo_backbone()
     target = Path(args.out) if args.out else demo.demo_tasks_dir()
     if args.rebuild:
-        rows = demo.build(target, backbone, baselines=args.baselines)
+        tasks = [t for t in demo.available_tasks() if not args.tasks or t.name in args.tasks]
+        rows = demo.build(target, backbone, tasks=tasks, baselines=args.baselines)
         print(demo.accuracy_table(rows))
         if args.report:
             command = "piggy-masks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -161,6 +162,12 @@ def parser() -> argparse.ArgumentParser:
         help="with --rebuild: also train classifier-only and finetune baselines",
     )
     m.add_argument("--report", help="with --rebuild: write the accuracy table here (markdown)")
+    m.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=[t.name for t in demo.DEMO_TASKS],
+        help="with --rebuild: only these tasks (default: every task whose data is installed)",
+    )
     m.add_argument("--out", help="target folder (default: $PIGGY_HOME/demo/tasks)")
     m.set_defaults(func=_demo)
     return p

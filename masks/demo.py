@@ -76,7 +76,8 @@ def build(target: Path, backbone: Backbone, tasks=None, baselines: bool = False,
             "task": task.name,
             "train": len(dataset.train.targets),
             "test": len(dataset.test.targets),
-            "epochs": task.epochs,
+            # A small set runs more epochs than listed (TrainConfig.min_steps).
+            "epochs": train.effective_epochs(config_for(task), len(dataset.train.targets)),
         }
         for mode in modes:
             config = config_for(task, mode, **overrides)

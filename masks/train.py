@@ -32,6 +32,9 @@ class TrainConfig:
 
     mode: Mode = "piggyback"
     epochs: int = 3
+    # A mask bit needs ~50 Adam steps of one sign to cross the threshold (scores 1e-2,
+    # threshold 5e-3, lr 1e-4): a small folder gets more epochs so that masks can learn.
+    min_steps: int = 300
     batch_size: int = 32
     lr_mask: float = 1e-4
     lr_head: float = 1e-3
@@ -112,6 +115,12 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, weight_decay=config.weight_decay)
 
 
+def effective_epochs(config: TrainConfig, train_size: int) -> int:
+    """`config.epochs`, raised until the run makes at least `config.min_steps` steps."""
+    steps_per_epoch = max(1, math.ceil(train_size / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+
+
 def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainResult:
     """Train one model on data.train, report accuracy on data.test."""
     start = time.perf_counter()
@@ -127,14 +136,15 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
         generator=torch.Generator().manual_seed(config.seed),
     )
     optimizer = _optimizer(model, config)
-    milestone = math.ceil(config.epochs / 2) if config.epochs > 1 else config.epochs + 1
+    epochs = effective_epochs(config, len(train_set))
+    milestone = math.ceil(epochs / 2) if epochs > 1 else epochs + 1
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], config.lr_decay)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         model.train()
         bar = tqdm(
             loader,
-            desc=f"{data.name} {config.mode} {epoch + 1}/{config.epochs}",
+            desc=f"{data.name} {config.mode} {epoch + 1}/{epochs}",
             disable=not config.progress,
             leave=False,
         )
