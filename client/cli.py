@@ -55,7 +55,7 @@ def _predict(client: Client, args) -> object:
 def _tasks(client: Client, args) -> object:
     tasks = client.tasks()
     if args.json:
-        return as_json(tasks)
+        return {"tasks": as_json(tasks)}  # GET /tasks's own shape
     rows = [
         (
             t.name,
@@ -76,14 +76,18 @@ def _upload(client: Client, args) -> object:
     if args.json:
         return as_json(task)
     print(f"uploaded {task.name}: {len(task.labels)} labels, backbone {task.backbone}")
+    if task.artifact_task and task.artifact_task != task.name:
+        print(
+            f"note: the artifact calls itself {task.artifact_task!r}; "
+            f"it is served as {task.name!r}"
+        )
     return None
 
 
 def _delete(client: Client, args) -> object:
     client.delete(args.name)
-    if args.json:
-        return {"deleted": args.name}
-    print(f"deleted {args.name}")
+    if not args.json:  # DELETE answers 204 with no body: --json prints nothing
+        print(f"deleted {args.name}")
     return None
 
 
@@ -103,7 +107,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="admin token (default $PIGGY_TOKEN)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--retries", type=int, default=3, help="retries of a 503 answer (3)")
-    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the server's JSON answer as it is"
+    )
     # --json also after the command; SUPPRESS keeps the global one when it is absent there.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)

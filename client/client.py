@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar, Union
+from urllib.parse import quote
 
 import httpx
 
@@ -111,15 +112,15 @@ class _Api:
         return _Call("GET", "/tasks", lambda d: [TaskInfo.from_json(t) for t in d["tasks"]])
 
     def _task(self, name: str) -> _Call:
-        return _Call("GET", f"/tasks/{name}", TaskInfo.from_json)
+        return _Call("GET", task_path(name), TaskInfo.from_json)
 
     def _upload(self, name: str, artifact: str | os.PathLike | bytes) -> _Call:
         data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
         kwargs = {"content": data, "headers": {"Content-Type": "application/octet-stream"}}
-        return _Call("PUT", f"/tasks/{name}", TaskInfo.from_json, kwargs)
+        return _Call("PUT", task_path(name), TaskInfo.from_json, kwargs)
 
     def _delete(self, name: str) -> _Call:
-        return _Call("DELETE", f"/tasks/{name}", lambda _: None)
+        return _Call("DELETE", task_path(name), lambda _: None)
 
     def _health(self) -> _Call:
         # Not retried: "not ready" is the answer the caller wants to see.
@@ -133,6 +134,14 @@ class _Api:
         if response.is_error:
             raise _error(response)
         return call.read(response.json() if response.content else None)
+
+
+def task_path(name: str) -> str:
+    """/tasks/NAME with every character of NAME that could change the path encoded.
+
+    Dots too: httpx would resolve `..` and send `/tasks/../etc` as `/etc`. The server
+    decides what a valid name is and answers a bad one with 400 invalid task name."""
+    return "/tasks/" + quote(name, safe="").replace(".", "%2E")
 
 
 def _error(response: httpx.Response):

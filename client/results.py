@@ -54,9 +54,10 @@ class Prediction:
 
 @dataclass(frozen=True)
 class TaskInfo:
-    name: str
+    name: str  # the name it is served under
     labels: list[str]
     backbone: str
+    artifact_task: str = ""  # the name written in the artifact (servers before 0.2: "")
     size_bytes: int = 0
     sparsity: float = 0.0
     input_size: int = 0

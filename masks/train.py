@@ -34,7 +34,7 @@ class TrainConfig:
     epochs: int = 3
     # A mask bit needs ~50 Adam steps of one sign to cross the threshold (scores 1e-2,
     # threshold 5e-3, lr 1e-4): a small folder gets more epochs so that masks can learn.
-    min_steps: int = 300
+    min_steps: int = 200
     batch_size: int = 32
     lr_mask: float = 1e-4
     lr_head: float = 1e-3
@@ -129,6 +129,11 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
     backbone.module.to(device)
     model = build_model(backbone, len(data.labels), config).to(device)
     train_set = preprocess_all(data.train, config.input_size, backbone.mean, backbone.std)
+    step_model = model
+    if isinstance(model, _ClassifierOnly):
+        # The backbone is frozen (BN too): its features are computed once, not every epoch.
+        train_set = _features(backbone, train_set, device)
+        step_model = model.head
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.batch_size,
@@ -150,7 +155,7 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
         )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(step_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,6 +169,49 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
         task_bytes=_task_bytes(model, backbone),
         seconds=time.perf_counter() - start,
         model=model,
+    )
+
+
+@torch.no_grad()  # not inference_mode: the head's backward saves these features
+def _features(backbone: Backbone, images: torch.utils.data.TensorDataset, device):
+    xs, ys = images.tensors
+    feats = [backbone.module(x.to(device)).cpu() for x in xs.split(128)]
+    return torch.utils.data.TensorDataset(torch.cat(feats), ys)
+
+
+def settings_line(config: TrainConfig, backbone: Backbone, train_size: int) -> str:
+    """The settings a run actually uses, epochs and steps as raised by min_steps."""
+    epochs = effective_epochs(config, train_size)
+    steps = epochs * math.ceil(train_size / config.batch_size)
+    lrs = f"lr head {config.lr_head:g}"
+    if config.mode == "piggyback":
+        lrs += f", lr mask {config.lr_mask:g}, threshold {config.threshold:g}"
+    elif config.mode == "finetune":
+        lrs += f", lr backbone {config.lr_finetune:g}"
+    return (
+        f"{config.mode} on {backbone.name}: {train_size} training images, input "
+        f"{config.input_size} px, batch {config.batch_size}, {epochs} epochs = {steps} steps "
+        f"(at least {config.min_steps}), Adam {lrs}, {_decay(config, epochs)}, "
+        f"BN {'per task' if config.train_bn else 'frozen'}, "
+        f"seed {config.seed}, {config.device}"
+    )
+
+
+def _decay(config: TrainConfig, epochs: int) -> str:
+    if epochs < 2:
+        return "no lr decay"
+    return f"lr x{config.lr_decay:g} after epoch {math.ceil(epochs / 2)}"
+
+
+def input_size_warning(config: TrainConfig, backbone: Backbone) -> str | None:
+    """A warning when the input is far below the size the backbone was trained at."""
+    if config.input_size * 4 > backbone.input_size:
+        return None
+    return (
+        f"warning: input {config.input_size} px is far below the {backbone.input_size} px "
+        f"{backbone.name} was trained at; accuracy can drop sharply (sklearn digits, 5 "
+        "classes: 68% at 32 px, 98% at 64 px). Try --input-size 64 or more, even for small "
+        "images (they are upscaled)."
     )
 
 

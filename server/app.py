@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from masks.backbones import Backbone
-from server import errors
+from server import auth, errors
 from server.batcher import Batcher
 from server.catalog import Catalog
 from server.engine import Engine
@@ -87,6 +87,7 @@ def _services(settings: Settings, backbone: Backbone | None) -> Services:
 
 
 async def _start(svc: Services) -> None:
+    auth.warn_if_admin_open(svc.settings)
     try:
         if not svc.registry.url.startswith(REMOTE_SCHEMES):
             await svc.registry.ping()

@@ -4,12 +4,29 @@ predictions. Compared in constant time; never logged, never echoed in a response
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import Request
 from pydantic import SecretStr
 
 from server.errors import Forbidden, Unauthorized
+from server.settings import Settings
 from server.state import ServicesDep
+
+log = logging.getLogger("piggy.serve")
+
+
+def admin_open(settings: Settings) -> bool:
+    """True when no admin token is set: anyone who reaches the server can upload and delete."""
+    return settings.admin_token is None
+
+
+def warn_if_admin_open(settings: Settings) -> None:
+    if admin_open(settings):
+        log.warning(
+            "PIGGY_ADMIN_TOKEN is not set: uploads and deletes (PUT/DELETE /tasks) are open "
+            "to anyone who can reach this server; set it before exposing the port"
+        )
 
 
 def require_admin(request: Request, svc: ServicesDep) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from server.catalog import Task
@@ -24,7 +26,8 @@ class Prediction(BaseModel):
 
 
 class TaskInfo(BaseModel):
-    name: str
+    name: str = Field(description="the name the task is served under (the URL's)")
+    artifact_task: str = Field(description="the task name written in the artifact itself")
     labels: list[str]
     backbone: str
     size_bytes: int
@@ -37,6 +40,7 @@ class TaskInfo(BaseModel):
         art = task.artifact
         return cls(
             name=task.name,
+            artifact_task=art.task,
             labels=art.labels,
             backbone=art.backbone,
             size_bytes=task.size_bytes,
@@ -51,7 +55,18 @@ class TaskList(BaseModel):
 
 
 class Health(BaseModel):
+    """GET /readyz when ready."""
+
     status: str
-    backbone: str | None = None
-    registry: str | None = None
-    tasks: int | None = None
+    backbone: str
+    registry: str
+    tasks: int
+
+
+class Liveness(BaseModel):
+    """GET /healthz: the process answers; how the admin routes are guarded."""
+
+    status: str
+    admin: Literal["open", "token"] = Field(
+        description="open: no PIGGY_ADMIN_TOKEN is set, anyone can upload and delete tasks"
+    )

@@ -6,16 +6,17 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.auth import admin_open
 from server.errors import responses
-from server.schemas import Health
+from server.schemas import Health, Liveness
 from server.state import ServicesDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get("/healthz", response_model=Liveness, summary="Liveness: the process answers")
+async def healthz(svc: ServicesDep) -> Liveness:
+    return Liveness(status="ok", admin="open" if admin_open(svc.settings) else "token")
 
 
 @router.get(

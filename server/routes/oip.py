@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from server.auth import require_predict
 from server.body import read_limited
@@ -100,7 +101,11 @@ router = APIRouter(
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+    return {
+        "name": SERVER_NAME,
+        "version": SERVER_VERSION,
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }
 
 
 @router.get("/health/live", summary="Server live: 200 when the process answers")
@@ -179,6 +184,41 @@ async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
     labels = [[task.artifact.labels[i] for i in row] for row in indices.tolist()]
     latency_ms = round(1000 * (time.perf_counter() - started), 3)
     return _response(header, task, labels, scores.numpy(), latency_ms)
+
+
+@router.post(
+    "/repository/index",
+    summary="Repository index (repository extension): every model (task) and its state",
+)
+async def repository_index(svc: ServicesDep) -> list[dict]:
+    # Every task in the catalog has been validated and is served: all are READY.
+    tasks = sorted(svc.require_catalog().tasks.items())
+    return [{"name": name, "version": task.version, "state": "READY"} for name, task in tasks]
+
+
+ALL_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+
+# Registered last: only what no other /v2 route matched gets here.
+@router.api_route("/{path:path}", methods=ALL_METHODS, include_in_schema=False)
+async def unknown_route(path: str, request: Request) -> Response:
+    """404 (or 405 on a known path) in the protocol's error shape, which tritonclient reads."""
+    allowed = _methods_for(request)
+    if allowed:
+        message = f"method {request.method} not allowed on /v2/{path}; use {', '.join(allowed)}"
+        return oip_error(request, 405, "method_not_allowed", message, {"Allow": ", ".join(allowed)})
+    return oip_error(request, 404, "not_found", f"no route {request.method} /v2/{path}")
+
+
+def _methods_for(request: Request) -> list[str]:
+    """The methods other routes accept on this path (empty: no route has this path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "endpoint", None) is unknown_route or not hasattr(route, "methods"):
+            continue
+        if route.matches(request.scope)[0] is Match.PARTIAL:
+            methods |= route.methods
+    return sorted(methods)
 
 
 # --- reading a request -----------------------------------------------------------------

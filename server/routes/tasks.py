@@ -15,6 +15,9 @@ from server.state import ServicesDep
 
 router = APIRouter(tags=["tasks"])
 TaskName = Annotated[str, Path(description=f"task name, {NAME_PATTERN}")]
+# `{name:path}`: a name with a slash (`..%2Fetc`) still reaches _checked and gets its 400,
+# not the router's bare 404.
+ONE_TASK = "/tasks/{name:path}"
 
 
 def _checked(name: str) -> str:
@@ -32,21 +35,23 @@ async def list_tasks(svc: ServicesDep) -> TaskList:
 
 
 @router.get(
-    "/tasks/{name}", response_model=TaskInfo, responses=responses(404, 503), summary="One task"
+    ONE_TASK, response_model=TaskInfo, responses=responses(400, 404, 503), summary="One task"
 )
 async def get_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskInfo:
-    task = await svc.require_catalog().get(name)
+    task = await svc.require_catalog().get(_checked(name))
     request.state.task = task.name
     return TaskInfo.of(task)
 
 
 @router.put(
-    "/tasks/{name}",
+    ONE_TASK,
     response_model=TaskInfo,
     status_code=201,
     dependencies=[Depends(require_admin)],
     responses=responses(400, 401, 403, 413, 422, 503),
     summary="Upload (or replace) a task: the artifact file as the raw body",
+    description="The task is served under the URL's name whatever the artifact's own `task` "
+    "field says; the answer's `artifact_task` is that field, so a client can see a mismatch.",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -66,7 +71,7 @@ async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
 
 
 @router.delete(
-    "/tasks/{name}",
+    ONE_TASK,
     status_code=204,
     dependencies=[Depends(require_admin)],
     responses=responses(400, 401, 403, 404, 503),

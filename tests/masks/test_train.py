@@ -38,7 +38,7 @@ def test_split_is_stratified_and_deterministic():
     assert len(set(a.test.targets[:20])) > 3  # shuffled, not sorted by label
 
 
-def test_image_folder_training_via_cli(tmp_path):
+def test_image_folder_training_via_cli(tmp_path, capsys):
     from PIL import Image
 
     faces = data.faces()
@@ -47,24 +47,20 @@ def test_image_folder_training_via_cli(tmp_path):
         (root / faces.labels[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / faces.labels[label] / f"{i}.png")
     out = tmp_path / "faces.safetensors"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(root),
-            "--task",
-            "faces",
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--input-size",
-            "32",
-        ]
-    )
+    args = ["train", "--data", str(root), "--task", "faces", "--out", str(out)]
+    code = main([*args, "--epochs", "1", "--min-steps", "0", "--input-size", "32"])
     assert code == 0
+    printed = capsys.readouterr()
+    assert "warning: input 32 px is far below the 224 px" in printed.err
+    assert "training piggyback on efficientnet_lite0: 120 training images" in printed.out
+    assert "1 epochs = 4 steps (at least 0)" in printed.out
+    # One epoch is 4 steps: no mask bit can flip, and the user is told so.
+    assert "no weight was switched off" in printed.out
+    assert "classifier-only: held-out accuracy" in printed.out
+    assert "gain over classifier-only on the same split" in printed.out
     art = artifact.read(out)
     assert art.labels == ["face", "non-face"] and art.task == "faces"
+    assert art.metrics["config"]["min_steps"] == 0
     inspect = subprocess.run(
         [sys.executable, "-m", "masks", "inspect", str(out)],
         capture_output=True,
@@ -72,6 +68,16 @@ def test_image_folder_training_via_cli(tmp_path):
         check=True,
     )
     assert "valid for backbone efficientnet_lite0" in inspect.stdout
+
+
+def test_train_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 3)", "(default: 300)", "(default: 0.0001)", "(default: 0.001)"):
+        assert shown in text
+    assert "(default: 64)" in text and "(default: 32)" in text and "(default: cpu)" in text
+    assert "(default: None)" not in text
 
 
 def test_cli_reports_bad_data_cleanly(capsys):

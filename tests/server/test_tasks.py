@@ -86,3 +86,36 @@ async def test_the_url_names_the_task_not_the_artifact(settings, registry_dir, b
         assert (await client.put("/tasks/outer", content=data)).status_code == 201
         assert (await client.get("/tasks/outer")).json()["name"] == "outer"
         assert (await client.get("/tasks/inner-name")).status_code == 404
+
+
+async def test_an_upload_says_which_name_it_is_served_under(settings, registry_dir, backbone):
+    data = artifacts.to_bytes(make_artifact(backbone, "inner-name", seed=5))
+    async with serving(settings, backbone) as client:
+        r = await client.put("/tasks/outer", content=data)
+        assert r.status_code == 201
+        assert r.json()["name"] == "outer" and r.json()["artifact_task"] == "inner-name"
+        listed = {t["name"]: t for t in (await client.get("/tasks")).json()["tasks"]}
+        assert listed["outer"]["artifact_task"] == "inner-name"
+
+
+@pytest.mark.parametrize("path", ["..%2Fetc", "a%2Fb", "..%2F..%2Fx", "%2E%2E", "a b"])
+async def test_path_like_names_get_the_invalid_name_error(settings, backbone, path):
+    async with serving(settings, backbone) as client:
+        for method in ("GET", "PUT", "DELETE"):
+            r = await client.request(method, f"/tasks/{path}", content=b"x")
+            assert r.status_code == 400, (method, path, r.text)
+            assert "invalid task name" in r.json()["error"]["message"]
+        assert (await client.get("/tasks/nope")).status_code == 404  # valid name, no task
+
+
+@pytest.mark.parametrize("token, admin", [(None, "open"), ("s3cret-token-xyz", "token")])
+async def test_open_admin_routes_are_loud(tmp_path, registry_dir, backbone, caplog, token, admin):
+    from server_support import settings_for
+
+    settings = settings_for(tmp_path / "home", registry_dir, admin_token=token)
+    with caplog.at_level("WARNING", logger="piggy.serve"):
+        async with serving(settings, backbone) as client:
+            health = (await client.get("/healthz")).json()
+    assert health == {"status": "ok", "admin": admin}  # no null fields
+    warned = [r.message for r in caplog.records if "PIGGY_ADMIN_TOKEN is not set" in r.message]
+    assert bool(warned) is (token is None)
