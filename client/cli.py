@@ -78,8 +78,7 @@ def _upload(client: Client, args) -> object:
     print(f"uploaded {task.name}: {len(task.labels)} labels, backbone {task.backbone}")
     if task.artifact_task and task.artifact_task != task.name:
         print(
-            f"note: the artifact calls itself {task.artifact_task!r}; "
-            f"it is served as {task.name!r}"
+            f"note: the artifact calls itself {task.artifact_task!r}; it is served as {task.name!r}"
         )
     return None
 
@@ -107,9 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="admin token (default $PIGGY_TOKEN)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--retries", type=int, default=3, help="retries of a 503 answer (3)")
-    p.add_argument(
-        "--json", action="store_true", help="print the server's JSON answer as it is"
-    )
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer as it is")
     # --json also after the command; SUPPRESS keeps the global one when it is absent there.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
