@@ -10,7 +10,9 @@ Inputs: `image` (BYTES, one encoded image per element; base64 strings in JSON) o
 (BYTES [batch, k], highest score first) and `scores` (FP32 [batch, k]); k is the request
 parameter `top_k` (default 5, clamped to the label count). Inference goes through the same
 preprocessing and batcher as POST /predict. Errors answer `{"error": "message"}`, as the
-protocol says, with the native API's status codes.
+protocol says, with the native API's status codes; so do unknown /v2 routes (404, or 405 on
+a known path). POST /v2/repository/index is the repository extension's index (every task
+READY); its load/unload are not offered (tasks come and go with PUT/DELETE /tasks).
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ async def unknown_route(path: str, request: Request) -> Response:
 def _methods_for(request: Request) -> list[str]:
     """The methods other routes accept on this path (empty: no route has this path)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in router.routes:  # every /v2 route is on this router
         if getattr(route, "endpoint", None) is unknown_route or not hasattr(route, "methods"):
             continue
         if route.matches(request.scope)[0] is Match.PARTIAL:

@@ -32,7 +32,7 @@ def test_tasks_table_and_json(piggy):
     assert header.split() == ["NAME", "LABELS", "BACKBONE", "SIZE", "SPARSITY", "ACCURACY"]
     assert [r.split()[:3] for r in rows] == [["alpha", "5", "resnet18"], ["beta", "7", "resnet18"]]
     code, out, _ = piggy("tasks", "--json")
-    assert code == 0 and [t["name"] for t in json.loads(out)] == ["alpha", "beta"]
+    assert code == 0 and [t["name"] for t in json.loads(out)["tasks"]] == ["alpha", "beta"]
 
 
 def test_predict_table_and_json(piggy, live, tmp_path):
@@ -90,3 +90,30 @@ def test_errors_exit_non_zero_with_the_servers_message(piggy, live, tmp_path, mo
     with pytest.raises(SystemExit) as info:
         main(["predict", str(image)])  # --task missing: argparse's usage error
     assert info.value.code == 2
+
+
+def test_json_prints_what_the_api_returns(piggy, live):
+    import httpx
+
+    api = httpx.get(f"{live.url}/tasks").json()
+    code, out, _ = piggy("--json", "tasks")
+    assert code == 0 and json.loads(out) == api  # {"tasks": [...]}, not a bare list
+    code, out, _ = piggy("--json", "upload", "json-copy", str(live.artifacts["alpha"]))
+    assert code == 0 and json.loads(out) == httpx.get(f"{live.url}/tasks/json-copy").json()
+    assert piggy("--json", "delete", "json-copy") == (0, "", "")  # 204: no body
+
+
+def test_upload_under_another_name_says_so(piggy, live):
+    code, out, _ = piggy("upload", "renamed", str(live.artifacts["alpha"]))
+    assert code == 0
+    assert "note: the artifact calls itself 'alpha'; it is served as 'renamed'" in out
+    assert piggy("delete", "renamed")[0] == 0
+    code, out, _ = piggy("upload", "alpha", str(live.artifacts["alpha"]))
+    assert code == 0 and "note:" not in out
+
+
+@pytest.mark.parametrize("name", ["../etc", "..", "a/b", "bad.name", "a b"])
+def test_path_like_names_get_the_invalid_name_error(piggy, live, name):
+    for command in (("upload", name, str(live.artifacts["alpha"])), ("delete", name)):
+        code, _, err = piggy(*command)
+        assert code == 1 and "bad_request: invalid task name" in err and "(HTTP 400)" in err

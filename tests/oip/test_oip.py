@@ -180,3 +180,22 @@ def test_malformed_bodies(http):
     # The native API keeps its own error shape.
     native = http.post("/predict?task=nope", content=png(1)).json()
     assert native["error"]["code"] == "task_not_found"
+
+
+def test_repository_index_and_unknown_routes(http, live):
+    r = http.post("/v2/repository/index", json={"ready": True})
+    assert r.status_code == 200
+    assert r.json() == [
+        {"name": name, "version": r.json()[i]["version"], "state": "READY"}
+        for i, name in enumerate(sorted(live.reference.artifacts))
+    ]
+    assert "model_repository" in http.get("/v2").json()["extensions"]
+    for method, path in (("GET", "/v2/nothing/here"), ("POST", "/v2/repository/models/a/load")):
+        r = http.request(method, path)
+        assert r.status_code == 404 and set(r.json()) == {"error"}
+        assert path in r.json()["error"]
+    # A known path with the wrong method is still a 405, in the protocol's shape.
+    r = http.get("/v2/models/alpha/infer")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert "not allowed" in r.json()["error"]
+    assert http.get("/nothing").json()["error"]["code"] == "not_found"  # native shape outside /v2

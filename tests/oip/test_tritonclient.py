@@ -78,3 +78,18 @@ def test_errors_reach_the_caller(triton):
     with pytest.raises(InferenceServerException) as info:
         triton.infer("nope", [tensor])
     assert info.value.status() == "404" and "nope" in info.value.message()
+
+
+def test_repository_index(triton, live):
+    index = triton.get_model_repository_index()
+    assert [m["name"] for m in index] == sorted(live.reference.artifacts)
+    assert all(m["state"] == "READY" and m["version"] for m in index)
+
+
+def test_unknown_routes_reach_the_caller_as_errors(triton):
+    # tritonclient's unload goes to a route this server does not have: a readable 404.
+    with pytest.raises(InferenceServerException) as info:
+        triton.unload_model("alpha")
+    assert info.value.status() == "404" and "/v2/repository/models/alpha/unload" in str(
+        info.value.message()
+    )
