@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from masks.errors import MasksError
 
@@ -45,6 +45,20 @@ def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequenc
     image = image.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """As a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bits
+    (Pillow's own convert("RGB") would clip every value above 255 to white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 onto 0..255
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
+    return image
 
 
 @dataclass
@@ -84,7 +98,7 @@ def as_image(item) -> Image.Image:
     if isinstance(item, str | Path):
         with Image.open(item) as img:
             img.load()
-            return img
+            return upright(img)  # as the server decodes an upload
     return Image.fromarray(np.asarray(item, dtype=np.uint8))
 
 

@@ -6,12 +6,11 @@ import asyncio
 import io
 import warnings
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from masks.artifact import TaskArtifact
-from masks.data import to_tensor
+from masks.data import to_tensor, upright
 from server.errors import NotAnImage, PayloadTooLarge
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -31,27 +30,13 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
                     f"the limit is {max_pixels:,}"
                 )
             image.load()
-            image = _upright(image)
+            image = upright(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"image rejected as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise NotAnImage(f"not a supported image (accepted: {', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
         raise NotAnImage(f"image could not be decoded: {exc}") from None
-    return image
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """As a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bits
-    (Pillow's own convert("RGB") would clip every value above 255 to white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 0..65535 onto 0..255
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
     return image
 
 

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from masks import artifact, data, train
 from masks.cli import main
@@ -74,8 +75,9 @@ def test_train_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default: 3)", "(default: 300)", "(default: 0.0001)", "(default: 0.001)"):
-        assert shown in text
+    d = train.TrainConfig()
+    for value in (d.epochs, d.min_steps, d.lr_mask, d.lr_head, d.threshold):
+        assert f"(default: {value})" in text
     assert "(default: 64)" in text and "(default: 32)" in text and "(default: cpu)" in text
     assert "(default: None)" not in text
 
@@ -83,3 +85,23 @@ def test_train_help_shows_every_default(capsys):
 def test_cli_reports_bad_data_cleanly(capsys):
     assert main(["train", "--data", "/no/such/folder"]) == 1
     assert "neither a demo data set" in capsys.readouterr().err
+
+
+def test_folder_images_are_read_upright_as_the_server_reads_them(tmp_path):
+    from PIL import Image
+
+    from server.preprocess import decode
+
+    image = Image.new("RGB", (40, 20), "white")
+    image.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: a viewer rotates it 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif)
+    trained = data.as_image(path)
+    served = decode(path.read_bytes(), 10**7)
+    assert trained.size == served.size == (20, 40)  # rotated upright in both
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    assert torch.equal(
+        data.to_tensor(trained, 32, mean, std), data.to_tensor(served, 32, mean, std)
+    )
