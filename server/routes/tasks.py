@@ -15,15 +15,17 @@ from server.state import ServicesDep
 
 router = APIRouter(tags=["tasks"])
 TaskName = Annotated[str, Path(description=f"task name, {NAME_PATTERN}")]
-# `{name:path}`: a name with a slash (`..%2Fetc`) still reaches _checked and gets its 400,
-# not the router's bare 404.
-ONE_TASK = "/tasks/{name:path}"
+ONE_TASK = "/tasks/{name}"
 
 
 def _checked(name: str) -> str:
     if not valid_name(name):
-        raise BadRequest(f"invalid task name {name!r}: must match {NAME_PATTERN}")
+        raise _invalid(name)
     return name
+
+
+def _invalid(name: str) -> BadRequest:
+    return BadRequest(f"invalid task name {name!r}: must match {NAME_PATTERN}")
 
 
 @router.get(
@@ -82,3 +84,10 @@ async def delete_task(name: TaskName, svc: ServicesDep) -> Response:
     if not await svc.require_catalog().delete(name):
         raise TaskNotFound(f"no task named {name!r}")
     return Response(status_code=204)
+
+
+# Registered last. A name with a slash in it (`..%2Fetc`, decoded) matches none of the
+# routes above; it gets the same 400 as any other invalid name, not the router's bare 404.
+@router.api_route("/tasks/{name:path}", methods=["GET", "PUT", "DELETE"], include_in_schema=False)
+async def slashed_name(name: str) -> None:
+    raise _invalid(name)
