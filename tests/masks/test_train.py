@@ -11,7 +11,7 @@ from masks.cli import main
 @pytest.mark.slow
 def test_short_piggyback_run_beats_chance(lite0):
     digits = data.digits()
-    config = train.TrainConfig(epochs=1, input_size=64, progress=False)
+    config = train.TrainConfig(epochs=1, min_steps=0, input_size=64, progress=False)
     result = train.train(lite0, digits, config)
     assert result.accuracy > 0.5  # chance is 0.1
     art = train.to_artifact(result, lite0, digits, config, "digits")
@@ -24,7 +24,7 @@ def test_baselines_train_on_the_same_split(lite0):
     faces = data.faces()
     costs = {}
     for mode in ("classifier-only", "finetune"):
-        config = train.TrainConfig(mode=mode, epochs=2, input_size=32, progress=False)
+        config = train.TrainConfig(mode=mode, epochs=2, min_steps=0, input_size=32, progress=False)
         result = train.train(lite0, faces, config)
         assert result.accuracy > 0.7, mode  # chance is 0.5
         costs[mode] = result.task_bytes
