@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1
     if args.ray:
-        return _run_ray(settings, args.replicas or 1, args.replica_cpus or 1.0)
+        return _run_ray(settings, args.replicas or 1, args.replica_cpus or 1.0, args.log_level)
     app = create_app(settings, backbone)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_ray(settings: Settings, replicas: int, replica_cpus: float) -> int:
+def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: str) -> int:
     """Each replica loads its own backbone: the one loaded here for --demo stays here."""
     try:
         from server import ray_app
@@ -119,7 +119,7 @@ def _run_ray(settings: Settings, replicas: int, replica_cpus: float) -> int:
         print(f"piggy-serve: error: --ray needs the `ray` extra ({exc})", file=sys.stderr)
         return 1
     try:
-        return ray_app.run(settings, replicas, replica_cpus)
+        return ray_app.run(settings, replicas, replica_cpus, log_level)
     except ray_app.RayConfigError as exc:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1

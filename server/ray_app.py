@@ -95,18 +95,21 @@ def actor_options(replica_cpus: float, gpus: float) -> dict:
     return options
 
 
-def deployment(settings: Settings, replicas: int, options: dict):
+def deployment(settings: Settings, replicas: int, options: dict, log_level: str = "info"):
     """The CLI's deployment: fixed replica count; settings travel with it (not the env)."""
     fields = settings.model_dump(include=settings.model_fields_set)
+    level = log_level.upper()
     return PiggyReplica.options(
         num_replicas=replicas,
         ray_actor_options=options,
+        # Access lines per request only at info or debug, as uvicorn's.
+        logging_config={"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")},
         # Enough requests in flight per replica for the batcher to fill its batches.
         max_ongoing_requests=max(64, 4 * settings.max_batch_size),
     ).bind(settings=fields, shared_registry=True)
 
 
-def run(settings: Settings, replicas: int, replica_cpus: float) -> int:
+def run(settings: Settings, replicas: int, replica_cpus: float, log_level: str = "info") -> int:
     """Serve until SIGTERM/SIGINT; stop what we started (or only our app on a joined cluster)."""
     import ray
 
@@ -127,7 +130,8 @@ def run(settings: Settings, replicas: int, replica_cpus: float) -> int:
                 "request_timeout_s": settings.request_timeout_s + 5,
             }
         )
-        serve.run(deployment(settings, replicas, options), name=APP_NAME, route_prefix="/")
+        app = deployment(settings, replicas, options, log_level)
+        serve.run(app, name=APP_NAME, route_prefix="/")
         print(
             f"piggy-serve: {replicas} Ray Serve replica(s) {options} on "
             f"http://{settings.host}:{settings.port}",
