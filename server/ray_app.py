@@ -53,7 +53,12 @@ def max_replicas(config: Any) -> int:
     return config.num_replicas or 1
 
 
-@serve.deployment(name=DEPLOYMENT, health_check_period_s=2, graceful_shutdown_timeout_s=10)
+@serve.deployment(
+    name=DEPLOYMENT,
+    max_ongoing_requests=128,
+    health_check_period_s=2,
+    graceful_shutdown_timeout_s=10,
+)
 @serve.ingress()
 class PiggyReplica:
     """One replica: create_app() over the settings, built in the replica's own process."""
