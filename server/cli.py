@@ -37,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
         "where the cluster has GPUs)",
     )
     p.add_argument(
+        "--route-by-task",
+        type=int,
+        default=0,
+        metavar="N",
+        help=argparse.SUPPRESS,  # experiment (issue 14, part 5): serve.multiplexed, N tasks
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return p
@@ -100,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1
     if args.ray:
-        return _run_ray(settings, args.replicas or 1, args.replica_cpus or 1.0, args.log_level)
+        return _run_ray(
+            settings,
+            args.replicas or 1,
+            args.replica_cpus or 1.0,
+            args.log_level,
+            args.route_by_task,
+        )
     app = create_app(settings, backbone)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
@@ -111,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: str) -> int:
+def _run_ray(
+    settings: Settings, replicas: int, replica_cpus: float, log_level: str, route_by_task: int
+) -> int:
     """Each replica loads its own backbone: the one loaded here for --demo stays here."""
     try:
         from server import ray_app
@@ -119,7 +134,7 @@ def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: 
         print(f"piggy-serve: error: --ray needs the `ray` extra ({exc})", file=sys.stderr)
         return 1
     try:
-        return ray_app.run(settings, replicas, replica_cpus, log_level)
+        return ray_app.run(settings, replicas, replica_cpus, log_level, route_by_task)
     except ray_app.RayConfigError as exc:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ Replicas share the registry: Redis, or a folder only where every replica sees th
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import threading
@@ -20,8 +19,6 @@ from ray import serve
 from server.app import create_app
 from server.registry import REMOTE_SCHEMES
 from server.settings import Settings
-
-log = logging.getLogger("piggy.serve")
 
 APP_NAME = "piggy"
 DEPLOYMENT = "Piggy"
@@ -57,19 +54,29 @@ def max_replicas(config: Any) -> int:
     name=DEPLOYMENT,
     max_ongoing_requests=128,
     health_check_period_s=2,
+    # The first check waits for the backbone to load: slow disks and busy hosts need time.
+    health_check_timeout_s=60,
     graceful_shutdown_timeout_s=10,
 )
 @serve.ingress()
 class PiggyReplica:
     """One replica: create_app() over the settings, built in the replica's own process."""
 
-    def __init__(self, settings: dict | None = None, shared_registry: bool = False):
+    def __init__(
+        self, settings: dict | None = None, shared_registry: bool = False, route_by_task: int = 0
+    ):
         self.settings = Settings(**(settings or {}))
         config = serve.get_replica_context()._deployment_config
         check_registry(self.settings.registry_url, max_replicas(config), shared_registry)
+        self.route_by_task = route_by_task
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.settings)
+        app = create_app(self.settings)
+        if self.route_by_task:
+            from server.ray_routing import NoteTheTask, tracker
+
+            app.add_middleware(NoteTheTask, note=tracker(self.route_by_task))
+        return app
 
     async def check_health(self) -> None:
         """Ready before Ray routes here (the first check waits for the backbone); a replica
@@ -100,7 +107,13 @@ def actor_options(replica_cpus: float, gpus: float) -> dict:
     return options
 
 
-def deployment(settings: Settings, replicas: int, options: dict, log_level: str = "info"):
+def deployment(
+    settings: Settings,
+    replicas: int,
+    options: dict,
+    log_level: str = "info",
+    route_by_task: int = 0,
+):
     """The CLI's deployment: fixed replica count; settings travel with it (not the env)."""
     fields = settings.model_dump(include=settings.model_fields_set)
     level = log_level.upper()
@@ -111,10 +124,16 @@ def deployment(settings: Settings, replicas: int, options: dict, log_level: str 
         logging_config={"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")},
         # Enough requests in flight per replica for the batcher to fill its batches.
         max_ongoing_requests=max(64, 4 * settings.max_batch_size),
-    ).bind(settings=fields, shared_registry=True)
+    ).bind(settings=fields, shared_registry=True, route_by_task=route_by_task)
 
 
-def run(settings: Settings, replicas: int, replica_cpus: float, log_level: str = "info") -> int:
+def run(
+    settings: Settings,
+    replicas: int,
+    replica_cpus: float,
+    log_level: str = "info",
+    route_by_task: int = 0,
+) -> int:
     """Serve until SIGTERM/SIGINT; stop what we started (or only our app on a joined cluster)."""
     import ray
 
@@ -123,7 +142,9 @@ def run(settings: Settings, replicas: int, replica_cpus: float, log_level: str =
     check_registry(settings.registry_url, replicas, shared=address is None)
     name, value = PROXY_CALLBACK
     os.environ.setdefault(name, value)  # the local proxy inherits it; a cluster sets its own
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    # "local": a new Ray of our own, never one found running on this machine (whose other
+    # Serve applications our shutdown would take down).
+    ray.init(address=address or "local", include_dashboard=False, configure_logging=False)
     try:
         options = actor_options(replica_cpus, ray.cluster_resources().get("GPU", 0))
         serve.start(
@@ -135,7 +156,7 @@ def run(settings: Settings, replicas: int, replica_cpus: float, log_level: str =
                 "request_timeout_s": settings.request_timeout_s + 5,
             }
         )
-        app = deployment(settings, replicas, options, log_level)
+        app = deployment(settings, replicas, options, log_level, route_by_task)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(
             f"piggy-serve: {replicas} Ray Serve replica(s) {options} on "
