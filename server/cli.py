@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help=argparse.SUPPRESS,  # experiment (issue 14, part 5): serve.multiplexed, N tasks
+        help="with --ray: send each task's requests to replicas that served it lately "
+        "(serve.multiplexed), each replica holding at most N tasks, about what its weight "
+        "cache holds (0: off, the default)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -78,10 +80,11 @@ def prepare_demo(settings: Settings):
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if not args.ray and (args.replicas is not None or args.replica_cpus is not None):
-        p.error("--replicas and --replica-cpus need --ray")
-    if (args.replicas or 1) < 1 or (args.replica_cpus or 1) <= 0:
-        p.error("--replicas must be at least 1 and --replica-cpus above 0")
+    ray_only = (args.replicas, args.replica_cpus, args.route_by_task or None)
+    if not args.ray and any(v is not None for v in ray_only):
+        p.error("--replicas, --replica-cpus and --route-by-task need --ray")
+    if (args.replicas or 1) < 1 or (args.replica_cpus or 1) <= 0 or args.route_by_task < 0:
+        p.error("--replicas must be at least 1, --replica-cpus above 0, --route-by-task >= 0")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

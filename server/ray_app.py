@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 
 from server.app import create_app
@@ -92,11 +92,12 @@ class AppArgs(BaseModel):
     """serve.yaml's `args:` for app(); PIGGY_ settings come from the runtime environment."""
 
     shared_registry: bool = False
+    route_by_task: int = Field(0, ge=0)
 
 
 def app(args: dict) -> serve.Application:
     """The application builder of deploy/ray/serve.yaml (`import_path: server.ray_app:app`)."""
-    return PiggyReplica.bind(shared_registry=AppArgs.model_validate(args).shared_registry)
+    return PiggyReplica.bind(**AppArgs.model_validate(args).model_dump())
 
 
 def actor_options(replica_cpus: float, gpus: float) -> dict:
