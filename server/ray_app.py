@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from server.app import create_app
+from server.ray_metrics import RayMetricsBridge
 from server.registry import REMOTE_SCHEMES
 from server.settings import Settings
 
@@ -69,6 +70,7 @@ class PiggyReplica:
         config = serve.get_replica_context()._deployment_config
         check_registry(self.settings.registry_url, max_replicas(config), shared_registry)
         self.route_by_task = route_by_task
+        self.metrics_bridge: RayMetricsBridge | None = None
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.settings)
@@ -80,12 +82,16 @@ class PiggyReplica:
 
     async def check_health(self) -> None:
         """Ready before Ray routes here (the first check waits for the backbone); a replica
-        whose startup failed is unhealthy. A registry outage is not: tasks keep serving."""
+        whose startup failed is unhealthy. A registry outage is not: tasks keep serving.
+        Each check also hands our metrics to Ray's (server/ray_metrics.py)."""
         svc = self.app.state.services
         while not svc.ready:
             if svc.startup_error:
                 raise RuntimeError(f"startup failed: {svc.startup_error}")
             await asyncio.sleep(0.05)
+        if self.metrics_bridge is None:
+            self.metrics_bridge = RayMetricsBridge(svc.metrics.registry)
+        self.metrics_bridge.export()
 
 
 class AppArgs(BaseModel):

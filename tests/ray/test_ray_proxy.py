@@ -140,3 +140,33 @@ async def test_the_proxy_names_the_task_unless_the_client_did():
     )
     await middleware(scope("/tasks"), None, None)
     assert seen == [b"flowers", b"b", None]
+
+
+def test_our_metrics_reach_rays_gauges_per_replica(monkeypatch):
+    from prometheus_client import CollectorRegistry, Counter
+
+    from server import ray_metrics
+
+    made = {}
+
+    class FakeGauge:
+        def __init__(self, name, description, tag_keys):
+            self.tag_keys, self.values = tag_keys, {}
+            made[name] = self
+
+        def set(self, value, tags):
+            assert set(tags) == set(self.tag_keys)
+            self.values[tuple(sorted(tags.items()))] = value
+
+    monkeypatch.setattr(ray_metrics, "Gauge", FakeGauge)
+    registry = CollectorRegistry()
+    requests = Counter("piggy_requests", "HTTP requests", ["route"], registry=registry)
+    requests.labels("/predict").inc(3)
+    bridge = ray_metrics.RayMetricsBridge(registry)
+    bridge.export()
+    requests.labels("/predict").inc()
+    bridge.export()  # the same gauge, its new value
+    gauge = made["piggy_requests_total"]
+    assert gauge.tag_keys == ("route", "replica")
+    key = (("replica", ray_metrics.replica_id()), ("route", "/predict"))
+    assert gauge.values == {key: 4.0}
