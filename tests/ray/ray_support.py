@@ -92,6 +92,18 @@ class RayServe:
                 self._seen.setdefault(p.pid, p)
         return set(self._seen)
 
+    def node_metrics(self) -> str:
+        """What Ray's metrics agent exports for Prometheus (its port is chosen at random)."""
+        self.pids()
+        agents = [p for p in self._seen.values() if "DashboardAgent" in _name(p)]
+        texts = []
+        for port in listening_ports(agents):
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                if r.status_code == 200:
+                    texts.append(r.text)
+        return "\n".join(texts)
+
     def tail(self, n: int = 4000) -> str:
         with contextlib.suppress(OSError):
             return self.log.read_bytes()[-n:].decode(errors="replace")
@@ -116,6 +128,23 @@ class RayServe:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
+def listening_ports(procs) -> set[int]:
+    """The TCP ports these processes listen on."""
+    ports = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ports.add(conn.laddr.port)
+    return ports
+
+
 def replica_pid(response: httpx.Response) -> int:
     """The pid in X-Piggy-Replica (`<host>:<pid>`)."""
     return int(response.headers["x-piggy-replica"].rsplit(":", 1)[1])
+
+
+def _name(proc: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(proc.cmdline())
+    return ""

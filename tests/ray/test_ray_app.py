@@ -65,7 +65,9 @@ def test_upload_and_delete_through_any_replica_reach_all_within_a_second(
     assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
 
 
-def test_every_route_answers_through_the_proxy_with_the_replica_header(http, task_blobs, reference):
+def test_every_route_answers_through_the_proxy_with_the_replica_header(
+    http, ray_serve, task_blobs, reference
+):
     assert http.put("/tasks/beta", content=task_blobs["beta"], headers=AUTH).status_code == 201
     image = png(4)
     tensor = {"name": "image", "datatype": "BYTES", "shape": [1]}
@@ -91,6 +93,17 @@ def test_every_route_answers_through_the_proxy_with_the_replica_header(http, tas
     labels = {o["name"]: o for o in answers["v2 infer"].json()["outputs"]}["labels"]["data"]
     assert labels[0] == answers["predict"].json()["results"][0]["top"][0]["label"]
     assert "piggy_requests_total" in answers["metrics"].text
+    # Per replica, where Prometheus scrapes Ray: its node metrics, tagged by replica.
+    replica = answers["predict"].headers["x-piggy-replica"]
+    tagged = f'replica="{replica}",route="/predict",status="200",task="beta"'
+
+    def exported():
+        return any(
+            line.startswith("ray_piggy_requests_total{") and tagged in line
+            for line in ray_serve.node_metrics().splitlines()
+        )
+
+    eventually(exported, timeout_s=60, step_s=1)
 
     # Errors keep the JSON shape through the proxy; uploads still need the token.
     r = http.post("/predict?task=nope", content=image, headers=PNG)
