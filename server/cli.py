@@ -37,15 +37,6 @@ def parser() -> argparse.ArgumentParser:
         "where the cluster has GPUs)",
     )
     p.add_argument(
-        "--route-by-task",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --ray: send each task's requests to replicas that served it lately "
-        "(serve.multiplexed), each replica holding at most N tasks, about what its weight "
-        "cache holds (0: off, the default)",
-    )
-    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return p
@@ -80,11 +71,10 @@ def prepare_demo(settings: Settings):
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    ray_only = (args.replicas, args.replica_cpus, args.route_by_task or None)
-    if not args.ray and any(v is not None for v in ray_only):
-        p.error("--replicas, --replica-cpus and --route-by-task need --ray")
-    if (args.replicas or 1) < 1 or (args.replica_cpus or 1) <= 0 or args.route_by_task < 0:
-        p.error("--replicas must be at least 1, --replica-cpus above 0, --route-by-task >= 0")
+    if not args.ray and (args.replicas is not None or args.replica_cpus is not None):
+        p.error("--replicas and --replica-cpus need --ray")
+    if (args.replicas or 1) < 1 or (args.replica_cpus or 1) <= 0:
+        p.error("--replicas must be at least 1 and --replica-cpus above 0")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -115,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             args.replicas or 1,
             args.replica_cpus or 1.0,
             args.log_level,
-            args.route_by_task,
         )
     app = create_app(settings, backbone)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
@@ -127,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_ray(
-    settings: Settings, replicas: int, replica_cpus: float, log_level: str, route_by_task: int
-) -> int:
+def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: str) -> int:
     """Each replica loads its own backbone: the one loaded here for --demo stays here."""
     try:
         from server import ray_app
@@ -137,7 +124,7 @@ def _run_ray(
         print(f"piggy-serve: error: --ray needs the `ray` extra ({exc})", file=sys.stderr)
         return 1
     try:
-        return ray_app.run(settings, replicas, replica_cpus, log_level, route_by_task)
+        return ray_app.run(settings, replicas, replica_cpus, log_level)
     except ray_app.RayConfigError as exc:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from ray import serve
 
 from server.app import create_app
@@ -63,22 +63,14 @@ def max_replicas(config: Any) -> int:
 class PiggyReplica:
     """One replica: create_app() over the settings, built in the replica's own process."""
 
-    def __init__(
-        self, settings: dict | None = None, shared_registry: bool = False, route_by_task: int = 0
-    ):
+    def __init__(self, settings: dict | None = None, shared_registry: bool = False):
         self.settings = Settings(**(settings or {}))
         config = serve.get_replica_context()._deployment_config
         check_registry(self.settings.registry_url, max_replicas(config), shared_registry)
-        self.route_by_task = route_by_task
         self.metrics_bridge: RayMetricsBridge | None = None
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self.settings)
-        if self.route_by_task:
-            from server.ray_routing import NoteTheTask, tracker
-
-            app.add_middleware(NoteTheTask, note=tracker(self.route_by_task))
-        return app
+        return create_app(self.settings)
 
     async def check_health(self) -> None:
         """Ready before Ray routes here (the first check waits for the backbone); a replica
@@ -98,7 +90,6 @@ class AppArgs(BaseModel):
     """serve.yaml's `args:` for app(); PIGGY_ settings come from the runtime environment."""
 
     shared_registry: bool = False
-    route_by_task: int = Field(0, ge=0)
 
 
 def app(args: dict) -> serve.Application:
@@ -119,7 +110,6 @@ def deployment(
     replicas: int,
     options: dict,
     log_level: str = "info",
-    route_by_task: int = 0,
 ):
     """The CLI's deployment: fixed replica count; settings travel with it (not the env)."""
     fields = settings.model_dump(include=settings.model_fields_set)
@@ -131,7 +121,7 @@ def deployment(
         logging_config={"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")},
         # Enough requests in flight per replica for the batcher to fill its batches.
         max_ongoing_requests=max(64, 4 * settings.max_batch_size),
-    ).bind(settings=fields, shared_registry=True, route_by_task=route_by_task)
+    ).bind(settings=fields, shared_registry=True)
 
 
 def run(
@@ -139,7 +129,6 @@ def run(
     replicas: int,
     replica_cpus: float,
     log_level: str = "info",
-    route_by_task: int = 0,
 ) -> int:
     """Serve until SIGTERM/SIGINT; stop what we started (or only our app on a joined cluster)."""
     import ray
@@ -163,7 +152,7 @@ def run(
                 "request_timeout_s": settings.request_timeout_s + 5,
             }
         )
-        app = deployment(settings, replicas, options, log_level, route_by_task)
+        app = deployment(settings, replicas, options, log_level)
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(
             f"piggy-serve: {replicas} Ray Serve replica(s) {options} on "

@@ -6,7 +6,6 @@ request timeout (408), back-pressure or no replica (503), an unknown route (404)
 imports middlewares() through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH; the middleware
 turns each of those into `{"error": {"code", "message"}}`. A lost replica answers 503
 `replica_lost` with Retry-After, so clients that retry 503s (ours does) go on elsewhere.
-The proxy also names each request's task for routing by task (server/ray_routing.py).
 """
 
 from __future__ import annotations
@@ -27,9 +26,7 @@ RETRY_AFTER = b"1"
 
 def middlewares() -> list[Middleware]:
     """RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.ray_proxy.middlewares"""
-    from server.ray_routing import NameTheTask
-
-    return [Middleware(ProxyErrorsAsJson), Middleware(NameTheTask)]
+    return [Middleware(ProxyErrorsAsJson)]
 
 
 class ProxyErrorsAsJson:

@@ -1,6 +1,5 @@
-"""server/ray_proxy.py around stand-ins for Ray's proxy app (no Ray started), the proxy
-side of routing by task, and the pure parts of server/ray_app.py: the registry rule and
-the actor options."""
+"""server/ray_proxy.py around stand-ins for Ray's proxy app (no Ray started), the metrics
+bridge, and the pure parts of server/ray_app.py: the registry rule and the actor options."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import pytest
 
 from server.ray_app import RayConfigError, actor_options, check_registry, max_replicas
 from server.ray_proxy import ProxyErrorsAsJson, middlewares
-from server.ray_routing import NameTheTask, task_of
 
 pytestmark = pytest.mark.anyio
 
@@ -92,8 +90,8 @@ async def test_replica_answers_pass_unchanged():
     assert r.status_code == 200 and r.text == "ok"
 
 
-def test_the_callback_gives_ray_starlette_middlewares():
-    assert [m.cls for m in middlewares()] == [ProxyErrorsAsJson, NameTheTask]
+def test_the_callback_gives_ray_a_starlette_middleware():
+    assert [m.cls for m in middlewares()] == [ProxyErrorsAsJson]
 
 
 def test_a_folder_registry_needs_one_replica_or_a_shared_path():
@@ -113,33 +111,6 @@ def test_max_replicas_reads_autoscaling_first():
 def test_one_gpu_per_replica_where_there_are_gpus():
     assert actor_options(0.5, 0) == {"num_cpus": 0.5}
     assert actor_options(1, 4) == {"num_cpus": 1, "num_gpus": 1}
-
-
-def scope(path: str, query: bytes = b"", headers=()) -> dict:
-    return {"type": "http", "path": path, "query_string": query, "headers": list(headers)}
-
-
-def test_the_task_of_a_request():
-    assert task_of(scope("/predict", b"task=flowers&top_k=3")) == "flowers"
-    assert task_of(scope("/v2/models/my%20task/infer")) == "my task"
-    assert task_of(scope("/v2/models/flowers/versions/1/infer")) == "flowers"
-    for other in (scope("/predict"), scope("/tasks/flowers"), scope("/v2/models/flowers")):
-        assert task_of(other) is None
-
-
-async def test_the_proxy_names_the_task_unless_the_client_did():
-    seen = []
-
-    async def app(scope, receive, send):
-        seen.append(dict(scope["headers"]).get(b"serve_multiplexed_model_id"))
-
-    middleware = NameTheTask(app)
-    await middleware(scope("/predict", b"task=flowers"), None, None)
-    await middleware(
-        scope("/predict", b"task=a", [(b"serve_multiplexed_model_id", b"b")]), None, None
-    )
-    await middleware(scope("/tasks"), None, None)
-    assert seen == [b"flowers", b"b", None]
 
 
 def test_our_metrics_reach_rays_gauges_per_replica(monkeypatch):
