@@ -16,6 +16,7 @@ from server.catalog import Catalog
 from server.engine import Engine
 from server.metrics import Metrics, RequestCounter
 from server.registry import REMOTE_SCHEMES, open_registry
+from server.replica import ReplicaHeader
 from server.routes import oip, page, routers
 from server.settings import Settings
 from server.state import Services
@@ -62,8 +63,9 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
-            expose_headers=["Retry-After", "Inference-Header-Content-Length"],
+            expose_headers=["Retry-After", "Inference-Header-Content-Length", "X-Piggy-Replica"],
         )
+    app.add_middleware(ReplicaHeader)  # added last: outermost, so every answer carries it
     return app
 
 

@@ -1,4 +1,5 @@
-"""piggy-serve: run the server with uvicorn (`--demo`: the bundled offline demo)."""
+"""piggy-serve: run the server with uvicorn, or as a Ray Serve application with `--ray`
+(`--demo`: the bundled offline demo)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="listen address (default PIGGY_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default PIGGY_PORT or 8000)")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray Serve application: a local Ray, or the cluster in RAY_ADDRESS; "
+        "--host/--port set Ray's HTTP proxy (needs the `ray` extra)",
+    )
+    p.add_argument("--replicas", type=int, help="with --ray: replicas, one engine each (1)")
+    p.add_argument(
+        "--replica-cpus",
+        type=float,
+        help="with --ray: CPUs Ray reserves per replica, fractions allowed (1; a GPU each "
+        "where the cluster has GPUs)",
+    )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -55,7 +69,12 @@ def prepare_demo(settings: Settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.ray and (args.replicas is not None or args.replica_cpus is not None):
+        p.error("--replicas and --replica-cpus need --ray")
+    if (args.replicas or 1) < 1 or (args.replica_cpus or 1) <= 0:
+        p.error("--replicas must be at least 1 and --replica-cpus above 0")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -80,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"piggy-serve: error: {exc}", file=sys.stderr)
         return 1
+    if args.ray:
+        return _run_ray(
+            settings,
+            args.replicas or 1,
+            args.replica_cpus or 1.0,
+            args.log_level,
+        )
     app = create_app(settings, backbone)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
@@ -88,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: str) -> int:
+    """Each replica loads its own backbone: the one loaded here for --demo stays here."""
+    try:
+        from server import ray_app
+    except ImportError as exc:
+        print(f"piggy-serve: error: --ray needs the `ray` extra ({exc})", file=sys.stderr)
+        return 1
+    try:
+        return ray_app.run(settings, replicas, replica_cpus, log_level)
+    except ray_app.RayConfigError as exc:
+        print(f"piggy-serve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
