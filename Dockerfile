@@ -41,21 +41,20 @@ COPY server ./server
 COPY client ./client
 RUN pip wheel --no-deps --no-build-isolation --no-cache-dir --wheel-dir /dist .
 
-FROM ${BASE_IMAGE}
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
+# The runtime image is the dependency stage itself: its venv layer (GBs, reused while
+# pyproject.toml is unchanged) is not copied again; the project goes on top as one small
+# layer, so that a code change ships MBs. No compiler or pip cache in any layer.
+FROM deps
+ENV PYTHONUNBUFFERED=1 \
     PIGGY_HOME=/data \
     PIGGY_HOST=0.0.0.0 \
     PIGGY_PORT=8000
-# Two layers: the dependencies' (GBs, reused while pyproject.toml is unchanged) and the
-# project's (MBs), so that a code change ships a small layer.
-COPY --from=deps /opt/venv /opt/venv
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    pip install --no-deps --no-cache-dir --disable-pip-version-check /dist/*.whl
+    pip install --no-deps --no-cache-dir /dist/*.whl
 # The demo, built at build time: the bundled tasks, checked against the installed
-# backbone's fingerprint (the build fails if they don't match). `demo-seed` uploads them.
-RUN piggy-masks demo --out /opt/piggy/demo-tasks
+# backbone's fingerprint (the build fails if they don't match). `demo-seed` uploads them,
+# as the user below: the files are written private (0600), hence the chmod.
+RUN piggy-masks demo --out /opt/piggy/demo-tasks && chmod -R a+rX /opt/piggy
 RUN useradd --system --uid 10001 --user-group --home-dir /data --create-home piggy
 WORKDIR /app
 COPY deploy/seed_demo.py ./deploy/seed_demo.py

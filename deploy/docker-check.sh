@@ -50,7 +50,13 @@ cleanup() {
     local rc=$?
     set +e
     if [ -n "$HOST_PID" ]; then kill "$HOST_PID" 2>/dev/null; wait "$HOST_PID" 2>/dev/null; fi
-    if [ -n "$STACK_UP" ]; then compose down -v --remove-orphans >/dev/null 2>&1; fi
+    if [ -n "$STACK_UP" ]; then
+        if [ "$rc" != 0 ]; then
+            compose ps >&2
+            compose logs --no-color --tail 15 >&2
+        fi
+        compose down -v --remove-orphans >/dev/null 2>&1
+    fi
     if [ -n "$DOCKERD_PID" ]; then
         log "stopping the dockerd this check started (pid $DOCKERD_PID)"
         kill "$DOCKERD_PID" 2>/dev/null
@@ -155,7 +161,9 @@ fill_wheels() {
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["masks"]
 print(" ".join(d for d in deps if re.match(r"torch(vision)?==", d)))')
     # shellcheck disable=SC2086
-    "$PY" -m pip download -q --disable-pip-version-check -d deploy/wheels $pins
+    "$PY" -m pip download -q --disable-pip-version-check -d deploy/wheels $pins \
+        >"$WORK/wheels.log" 2>&1 || { tail -n 20 "$WORK/wheels.log" >&2; return 1; }
+    log "   deploy/wheels: $(du -sh deploy/wheels | cut -f1)"
 }
 
 build_image() {
@@ -211,14 +219,19 @@ host_server() {
     probe ready --lb "$HOST_URL" --timeout 180 >/dev/null || { tail -n 20 "$WORK/host.log" >&2; return 1; }
 }
 
-replica_container() {
+replicas() {
     "$DOCKER" ps -q --filter "label=com.docker.compose.project=$PROJECT" \
-        --filter "label=com.docker.compose.service=piggy" | head -n 1
+        --filter "label=com.docker.compose.service=piggy"
+}
+
+upload() {
+    probe upload --lb "$LB" --token "$TOKEN" --file "$WORK/home/demo/tasks/digits.safetensors" \
+        --docker "$DOCKER" --containers "$(replicas | paste -sd, -)"
 }
 
 crash_replica() {
     local container
-    container=$(replica_container)
+    container=$(replicas | head -n 1)
     [ -n "$container" ] || { log "no piggy replica running"; return 1; }
     probe crash --lb "$LB" --task digits --docker "$DOCKER" --container "$container"
 }
@@ -274,8 +287,7 @@ step "first answer through nginx" first_answer
 step "piggy-serve --demo outside Docker" host_server
 step "same predictions inside and outside Docker" \
     probe same --lb "$LB" --host "$HOST_URL" --tasks "$DEMO_TASKS"
-step "upload through nginx, served by both replicas" \
-    probe upload --lb "$LB" --token "$TOKEN" --file "$WORK/home/demo/tasks/digits.safetensors"
+step "upload through nginx, served by both replicas" upload
 step "a replica crashes (SIGKILL)" crash_replica
 step "compose down" down_clean
 step "GPU override file" gpu_file
