@@ -2,15 +2,15 @@
 # default; Docker 20.10: DOCKER_BUILDKIT=1); no `# syntax=` line, so no frontend is pulled.
 #
 # torch: PyPI's torch==2.14.1 for Linux x86_64 is a CUDA build and pulls the CUDA libraries
-# (~4.5 GB installed): the same image then runs on a GPU (docker-compose.gpu.yml) or, with
-# PIGGY_DEVICE=auto on a host without one, on the CPU. triton (torch.compile's GPU compiler,
-# 0.9 GB) is removed: the server runs eager PyTorch only. Much smaller, CPU only (~1 GB less
-# than half the size), where download.pytorch.org is reachable:
+# (~4.5 GB installed): the image (5.5 GB) then runs on a GPU (docker-compose.gpu.yml) or,
+# with PIGGY_DEVICE=auto on a host without one, on the CPU. triton (torch.compile's GPU
+# compiler, 0.9 GB) is removed: the server runs eager PyTorch only. CPU only and much
+# smaller, where download.pytorch.org is reachable:
 #   docker build --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Wheels put in deploy/wheels/ (torch, the CUDA libraries, anything) are installed from
 # there instead of being downloaded: see deploy/wheels/README.md.
-# BASE_IMAGE: any Debian-like image with python3 >= 3.11 and python3-venv (deploy/docker-check.sh
-# builds one locally where no registry is reachable).
+# BASE_IMAGE: any Debian-like image with python3 >= 3.11 and python3-venv
+# (deploy/docker-check.sh builds one locally where no registry is reachable).
 ARG PYTHON_VERSION=3.11
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
