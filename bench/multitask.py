@@ -23,7 +23,7 @@ from torch import nn
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
 from masks import artifact as artifacts
-from masks.artifact import TaskArtifact, pack_mask, unpack_mask
+from masks.artifact import TaskArtifact, pack_mask
 from masks.backbones import Backbone
 from server import mixed
 from server.engine import Engine, Row
@@ -47,9 +47,9 @@ def switch_off_more(art: TaskArtifact, fraction: float, seed: int, name: str) ->
     """`art` with a further `fraction` of each mask's bits switched off (a random set)."""
     g = torch.Generator().manual_seed(seed)
     masks = {}
-    for key, bits in art.masks.items():
-        numel = bits.numel() * 8
-        keep = unpack_mask(bits, (numel,)).bool() & (torch.rand(numel, generator=g) >= fraction)
+    for key, mask in art.masks.items():
+        numel = mask.numel if mask.numel is not None else mask.bits.numel() * 8
+        keep = art.mask(key, (numel,)) & (torch.rand(numel, generator=g) >= fraction)
         masks[key] = pack_mask(keep)
     return TaskArtifact(**{**art.__dict__, "masks": masks, "task": name})
 
@@ -59,8 +59,8 @@ def synthetic(backbone: Backbone, name: str, seed: int, size: int, off: float) -
     art = fixtures.make_artifact(backbone, name, seed, size)
     rng = np.random.default_rng(seed)
     masks = {}
-    for key, bits in art.masks.items():
-        numel = backbone.maskable()[key].numel() if key in backbone.maskable() else bits.numel() * 8
+    for key in art.masks:
+        numel = backbone.maskable()[key].numel()
         keep = torch.from_numpy(rng.random(numel) >= off)
         masks[key] = pack_mask(keep)
     return TaskArtifact(**{**art.__dict__, "masks": masks})

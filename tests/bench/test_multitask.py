@@ -8,7 +8,6 @@ import torch
 
 from bench import gpu, multitask
 from masks import artifact as artifacts
-from masks.artifact import unpack_mask
 
 
 def test_switch_off_more_switches_off_more_bits():
@@ -16,8 +15,8 @@ def test_switch_off_more_switches_off_more_bits():
     more = multitask.switch_off_more(base, 0.005, seed=1, name="m1")
     other = multitask.switch_off_more(base, 0.005, seed=2, name="m2")
     key = next(iter(base.masks))
-    n = base.masks[key].numel() * 8
-    on = [unpack_mask(a.masks[key], (n,)).bool() for a in (base, more, other)]
+    n = base.masks[key].numel
+    on = [a.mask(key, (n,)) for a in (base, more, other)]
     assert not (on[1] & ~on[0]).any()  # only switches off
     assert on[1].sum() < on[0].sum()
     assert not torch.equal(on[1], on[2])  # a different set per task
