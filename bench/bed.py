@@ -13,9 +13,9 @@ import torch
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
 from masks import artifact as artifacts
-from masks import inference
 from masks.backbones import Backbone
 from server.catalog import Task
+from server.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Options:
     warmup_s: float = 1.0
     max_requests: int = 5000  # per measurement, whatever the window
     n_tasks: int = 100
-    cache_tasks: int = 10
+    cache_tasks: int = 10  # the peers' LRU of full copies (ours has no cache)
     scale_counts: tuple[int, ...] = (10, 100, 1000)
     cold_repeats: int = 7
     fairness_s: float = 8.0
@@ -56,21 +56,27 @@ class Bed:
             self.registry, self.backbone, self.options.n_tasks, self.config.input_size
         )
         self.images = fixtures.jpegs(self.config.input_size)
-        one = inference.materialise(self.artifact(0), self.backbone)
-        self.params_bytes = inference.params_nbytes(one)
+        self.params_bytes = sum(t.nbytes for t in self.backbone.module.state_dict().values())
         self.setup_s = time.perf_counter() - started
 
     @property
+    def peer_cache_bytes(self) -> int:
+        """What the peers' LRU of `cache_tasks` full copies holds (backbone bytes each)."""
+        return self.options.cache_tasks * self.params_bytes
+
+    @property
     def cache_bytes(self) -> int:
-        """Room for exactly `cache_tasks` materialised tasks."""
-        return self.options.cache_tasks * self.params_bytes + self.params_bytes // 2
+        """The old name (bench/ray_proxy.py passes it as PIGGY_CACHE_BYTES, now ignored)."""
+        return self.peer_cache_bytes
 
     def artifact(self, i: int):
         return artifacts.read(self.registry / f"{self.names[i]}.safetensors")
 
-    def task(self, i: int) -> Task:
+    def task(self, i: int, engine: Engine) -> Task:
+        """Task i as the server registers it: parsed, validated, prepared by `engine`."""
         path = self.registry / f"{self.names[i]}.safetensors"
-        return Task(self.names[i], "bench", path.stat().st_size, self.artifact(i))
+        art = artifacts.load(path, self.backbone)
+        return Task(self.names[i], "bench", path.stat().st_size, art, engine.prepare(art))
 
     def start_server(self, extra_env: dict[str, str] | None = None) -> procs.Proc:
         self.server = procs.start_ours(
@@ -79,7 +85,6 @@ class Bed:
             self.config.backbone,
             self.config.weights,
             self.config.batch,
-            self.cache_bytes,
             tag=f"ours-{self.config.backbone}",
             extra_env={"PIGGY_DEVICE": self.device, **(extra_env or {})},
         )

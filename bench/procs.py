@@ -105,7 +105,6 @@ def start_ours(
     backbone: str,
     weights: str | None,
     batch: int,
-    cache_bytes: int,
     tag: str = "ours",
     extra_env: dict[str, str] | None = None,
 ) -> Proc:
@@ -116,7 +115,6 @@ def start_ours(
         "PIGGY_REGISTRY": f"dir:{registry}",
         "PIGGY_BACKBONE": backbone,
         "PIGGY_MAX_BATCH_SIZE": str(batch),
-        "PIGGY_CACHE_BYTES": str(cache_bytes),
         "PIGGY_QUEUE_SIZE": "1024",
         "PIGGY_REGISTRY_RESCAN_S": "30",  # nothing changes the folder during a run
         **(extra_env or {}),

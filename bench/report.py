@@ -11,12 +11,12 @@ from bench.stats import Spread, ratios
 FIGURES = (
     "serving ÷ raw, 1 task, HTTP",
     "serving ÷ raw, 10 tasks, HTTP",
-    "serving ÷ raw, 100 tasks, cache 10, HTTP",
+    "serving ÷ raw, 100 tasks, HTTP",
     "bytes per task ÷ (masked params/8 + head)",
-    "cold materialise ÷ batch-1 forward",
+    "register a task (parse + validate + engine.prepare) ÷ batch-1 forward",
     "ours ÷ Ray Serve multiplex, 100 tasks",
 )
-GOALS = ("≥ 0.95", "≥ 0.90", "as high as the cache allows", "≤ 1.01", "≤ 0.5", "≥ 3 (CPU)")
+GOALS = ("≥ 0.95", "≥ 0.90", "≥ 0.80", "≤ 1.01", "(was ≤ 0.5)", "≥ 3 (CPU)")
 
 
 WALL, CPU = "images_per_s", "images_per_cpu_s"
@@ -48,7 +48,7 @@ def summary(results: dict) -> dict[str, Spread | float | None]:
     if "bytes" in bed:
         values[FIGURES[3]] = bed["bytes"]["ratio"]
     if "cold" in bed:
-        values[FIGURES[4]] = ratios(bed["cold"]["materialise_ms"], bed["cold"]["forward_b1_ms"])
+        values[FIGURES[4]] = ratios(bed["cold"]["register_ms"], bed["cold"]["forward_b1_ms"])
     runs = results.get("peers", {}).get("runs", {})
     if "ray100" in runs:
         values[FIGURES[5]] = ratios(
@@ -239,11 +239,11 @@ def _cold(results: dict) -> list[str]:
         "",
         "## 3. Cold task",
         "",
-        "In-process: materialise W·mask from the packed bits (the engine's cache miss) vs "
+        "In-process: register a task (parse + validate + engine.prepare: its sparse patch) vs "
         "one batch-1 forward of the task, interleaved. HTTP: the first request to a task "
         "not in the cache vs the next request to it (one client, sequential).",
         "",
-        "| backbone | materialise ms | batch-1 forward ms | ÷ | cold request ms | "
+        "| backbone | register ms | batch-1 forward ms | ÷ | cold request ms | "
         "warm request ms | ÷ |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -252,9 +252,9 @@ def _cold(results: dict) -> list[str]:
         if not c:
             continue
         lines.append(
-            f"| {label} | {Spread.of(c['materialise_ms']).fmt(1)} | "
+            f"| {label} | {Spread.of(c['register_ms']).fmt(1)} | "
             f"{Spread.of(c['forward_b1_ms']).fmt(1)} | "
-            f"{ratios(c['materialise_ms'], c['forward_b1_ms']).fmt()} | "
+            f"{ratios(c['register_ms'], c['forward_b1_ms']).fmt()} | "
             f"{Spread.of(c['first_request_cold_ms']).fmt(1)} | "
             f"{Spread.of(c['first_request_warm_ms']).fmt(1)} | "
             f"{ratios(c['first_request_cold_ms'], c['first_request_warm_ms']).fmt()} |"
@@ -441,7 +441,7 @@ def plots(results: dict, folder: Path) -> list[str]:
         for ax, (a, b, title) in zip(
             axes,
             (
-                ("materialise_ms", "forward_b1_ms", "materialise vs batch-1 forward"),
+                ("register_ms", "forward_b1_ms", "register vs batch-1 forward"),
                 ("first_request_cold_ms", "first_request_warm_ms", "first request: cold vs warm"),
             ),
             strict=True,

@@ -103,7 +103,6 @@ def scale(bed: Bed) -> dict:
             bed.config.backbone,
             bed.config.weights,
             bed.config.batch,
-            bed.cache_bytes,
             tag=f"scale-{count}",
             extra_env={"PIGGY_DEVICE": bed.device},
         )

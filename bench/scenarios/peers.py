@@ -107,7 +107,7 @@ def run(bed: Bed) -> dict:
         "copy_file_bytes": copy_bytes,
         "write_s": time.perf_counter() - started,
         "max_models": o.cache_tasks,
-        "cache_bytes": bed.cache_bytes,
+        "cache_bytes": bed.peer_cache_bytes,
     }
     common = [
         "--models",

@@ -2,11 +2,11 @@
 
 raw     the plain model in a tight in-process loop
 raw_cl  the same in channels_last (what our engine runs), to separate layout from overhead
-engine  our engine in-process, one task (materialised weights, functional_call)
+engine  our engine in-process, one task (the working copy patched to it)
 http1   the server over HTTP, one task
-http10  10 tasks chosen uniformly at random, warm cache
-http100 100 tasks, a cache that holds 10
-Every repeat measures all five, in an order rotated per repeat; ratios are per repeat.
+http10  10 tasks chosen uniformly at random
+http100 100 tasks chosen uniformly at random (no cache: every task is a sparse patch)
+Every repeat measures all six, in an order rotated per repeat; ratios are per repeat.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from bench import fixtures
 from bench.bed import Bed, sync
 from masks.backbones import build_classifier
-from server.engine import Engine
+from server.engine import Engine, Row
 from server.settings import Settings
 
 VARIANTS = ("raw", "raw_cl", "engine", "http1", "http10", "http100")
@@ -50,11 +50,12 @@ def run(bed: Bed) -> dict:
     cl_model.to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     engine = Engine(
-        Settings(backbone=cfg.backbone, device=bed.device, cache_bytes=bed.cache_bytes),
+        Settings(backbone=cfg.backbone, device=bed.device),
         bed.backbone,
     )
     engine._load()
-    task = bed.task(0)
+    task = bed.task(0, engine)
+    rows = [Row(task.key, task.state)] * cfg.batch
 
     def raw_step():
         with torch.inference_mode():
@@ -65,7 +66,7 @@ def run(bed: Bed) -> dict:
             cl_model(x_cl)
 
     def engine_step():
-        engine._predict(task, x)
+        engine._predict(rows, x)
 
     http = {"http1": bed.uniform(1), "http10": bed.uniform(10), "http100": bed.uniform(o.n_tasks)}
     steps = {"raw": raw_step, "raw_cl": raw_cl_step, "engine": engine_step}

@@ -135,7 +135,7 @@ def fake_results() -> dict:
                     "full_copy_bytes": 800,
                 },
                 "cold": {
-                    "materialise_ms": [1, 2, 3],
+                    "register_ms": [1, 2, 3],
                     "forward_b1_ms": [4, 4, 4],
                     "first_request_cold_ms": [5, 6, 7],
                     "first_request_warm_ms": [5, 5, 5],
@@ -160,9 +160,9 @@ def test_results_start_with_the_summary_table_and_its_six_figures():
     assert names == [
         "serving ÷ raw, 1 task, HTTP",
         "serving ÷ raw, 10 tasks, HTTP",
-        "serving ÷ raw, 100 tasks, cache 10, HTTP",
+        "serving ÷ raw, 100 tasks, HTTP",
         "bytes per task ÷ (masked params/8 + head)",
-        "cold materialise ÷ batch-1 forward",
+        "register a task (parse + validate + engine.prepare) ÷ batch-1 forward",
         "ours ÷ Ray Serve multiplex, 100 tasks",
     ]
     values = [line.rstrip(" |").rsplit(" | ", 1)[1] for line in lines[2:8]]

@@ -1,0 +1,591 @@
+"""Issue 11's figures: many tasks at the speed of one.
+
+In-process (any device): a task switch vs a batch-1 forward; the engine on one task vs
+the plain module; mixed batches (1x8, 2x4, 4x2, 8x1) with the mixed strategy chosen per
+layer (default), forced to corrections (GATHER_COST = 0) and forced to per-task segments
+(GATHER_COST = 1e12), with time per layer kind.
+Over HTTP (CPU): 200 tasks vs one, 4 tasks in turn vs one, server memory per task.
+Rates are images per CPU second of the measured process (and wall-clock images/s).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench import fixtures, loadgen, procs
+from bench.fixtures import Config
+from masks import artifact as artifacts
+from masks.artifact import TaskArtifact, pack_mask
+from masks.backbones import Backbone
+from server import mixed
+from server.engine import Engine, Row
+from server.settings import Settings
+
+DEMO = Path(__file__).resolve().parent.parent / "masks" / "demo_tasks"
+MIXES = ((1, 8), (2, 4), (4, 2), (8, 1))  # (tasks, rows each)
+STRATEGIES = {"default": mixed.GATHER_COST, "corrections": 0.0, "segments": 1e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
+
+
+def switch_off_more(art: TaskArtifact, fraction: float, seed: int, name: str) -> TaskArtifact:
+    """`art` with a further `fraction` of each mask's bits switched off (a random set)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for key, mask in art.masks.items():
+        numel = mask.numel if mask.numel is not None else mask.bits.numel() * 8
+        keep = art.mask(key, (numel,)) & (torch.rand(numel, generator=g) >= fraction)
+        masks[key] = pack_mask(keep)
+    return TaskArtifact(**{**art.__dict__, "masks": masks, "task": name})
+
+
+def synthetic(backbone: Backbone, name: str, seed: int, size: int, off: float) -> TaskArtifact:
+    """A fixtures-style synthetic task with about `off` of its mask bits switched off."""
+    art = fixtures.make_artifact(backbone, name, seed, size)
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for key in art.masks:
+        numel = backbone.maskable()[key].numel()
+        keep = torch.from_numpy(rng.random(numel) >= off)
+        masks[key] = pack_mask(keep)
+    return TaskArtifact(**{**art.__dict__, "masks": masks})
+
+
+def write_tasks(folder: Path, backbone: Backbone, config: Config, n: int) -> list[str]:
+    """`n` distinct tasks in `folder`: the mnist demo task + 0.5% more off (effnet), or
+    synthetic tasks ~1% off (others). Their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [fixtures.task_name(i) for i in range(n)]
+    base = None
+    if config.weights is None and (DEMO / "mnist.safetensors").exists():
+        base = artifacts.read(DEMO / "mnist.safetensors")
+        if base.backbone != backbone.name or base.input_size != config.input_size:
+            base = None
+    for i, name in enumerate(names):
+        path = folder / f"{name}.safetensors"
+        if path.exists():
+            continue
+        if base is not None:
+            art = switch_off_more(base, 0.005, i, name)
+        else:
+            art = synthetic(backbone, name, i, config.input_size, 0.01)
+        path.write_bytes(artifacts.to_bytes(art))
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# In-process
+
+
+class Bench:
+    """An engine with `n` prepared tasks, and the plain module, on one device."""
+
+    def __init__(self, config: Config, backbone: Backbone, folder: Path, n: int, device: str):
+        self.config = config
+        self.device = torch.device(device)
+        self.engine = Engine(Settings(backbone=config.backbone, device=device), backbone)
+        self.engine._load()
+        names = write_tasks(folder, backbone, config, n)
+        self.arts = [artifacts.load(folder / f"{m}.safetensors", backbone) for m in names]
+        self.artifact_bytes = (folder / f"{names[0]}.safetensors").stat().st_size
+        self.states = [self.engine.prepare(a) for a in self.arts]
+        self.keys = [(m, "bench") for m in names]
+        self.plain = copy.deepcopy(backbone.module).to(self.device)
+        self.plain.to(memory_format=torch.channels_last).eval()
+        self.images = fixtures.jpegs(config.input_size)
+        self.backbone = backbone
+
+    def batch(self, n: int) -> torch.Tensor:
+        x = fixtures.tensor_batch(self.images, self.backbone, self.config.input_size, n)
+        return x.to(self.device)
+
+    def rows(self, tasks: int, each: int) -> list[Row]:
+        return [Row(self.keys[t], self.states[t]) for t in range(tasks) for _ in range(each)]
+
+    def plain_step(self, x: torch.Tensor):
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        def step():
+            with torch.inference_mode():
+                self.plain(x)
+
+        return step
+
+    def predict_step(self, rows: list[Row], x: torch.Tensor):
+        return lambda: self.engine._predict(rows, x)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def rate(step, images: int, seconds: float, device: torch.device, max_steps: int) -> dict:
+    """Images per second and per CPU second of `step()` called back to back (one warm call)."""
+    step()
+    sync(device)
+    started, cpu, steps = time.perf_counter(), time.process_time(), 0
+    while steps < max_steps and (steps < 2 or time.perf_counter() - started < seconds):
+        step()
+        steps += 1
+    sync(device)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"images_per_s": steps * images / wall, "images_per_cpu_s": steps * images / cpu}
+
+
+def median_s(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn()`: CPU seconds of this process on the CPU (the 2-core host is
+    shared, so wall time mostly measures the other tenants), wall time on CUDA."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = clock()
+        fn()
+        sync(device)
+        times.append(clock() - t)
+    return statistics.median(times)
+
+
+def switch_figure(b: Bench, repeats: int) -> dict:
+    """Median of a working-copy switch between two tasks vs a batch-1 plain forward."""
+    keys, states = b.keys[:2], b.states[:2]
+    flip = [0]
+
+    def switch():
+        i = flip[0] = 1 - flip[0]
+        b.engine._switch(keys[i], b.engine._device_state(keys[i], states[i]))
+
+    forward = b.plain_step(b.batch(1))
+    switch(), forward()
+    sw, fw = [], []
+    for _ in range(repeats):  # interleaved
+        sw.append(median_s(switch, 5, b.device))
+        fw.append(median_s(forward, 5, b.device))
+    return {"switch_ms": [1e3 * t for t in sw], "forward_b1_ms": [1e3 * t for t in fw]}
+
+
+def engine_vs_plain(b: Bench, batch: int, repeats: int, seconds: float) -> dict:
+    x = b.batch(batch)
+    steps = {"plain": b.plain_step(x), "engine": b.predict_step(b.rows(1, batch), x)}
+    out = {k: [] for k in steps}
+    for r in range(repeats):
+        for k in sorted(steps, reverse=bool(r % 2)):
+            out[k].append(rate(steps[k], batch, seconds, b.device, 10_000))
+    return out
+
+
+# -- mixed batches, with time per layer kind ---------------------------------------------
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1 and module.groups == module.in_channels:
+            return "depthwise"
+        return "pointwise" if module.kernel_size == (1, 1) else "kxk"
+    return "other"
+
+
+class LayerTimer:
+    """Wall time per layer kind of the engine's masked layers, corrections included.
+
+    Pre-hooks stay; the post-hooks are re-registered after MixedForward's own hooks, so
+    they time the layer plus its correction."""
+
+    def __init__(self, b: Bench):
+        self.b = b
+        self.slots = b.engine.working.slots
+        self.clock = time.perf_counter if b.device.type == "cuda" else time.process_time
+        self.totals: dict[str, float] = defaultdict(float)
+        self._start: dict[int, float] = {}
+        self._pre = [
+            s.module.register_forward_pre_hook(self._begin(i)) for i, s in enumerate(self.slots)
+        ]
+        self._post: list = []
+        self._enter = mixed.MixedForward.__enter__
+        timer = self
+
+        def enter(forward_self):
+            out = timer._enter(forward_self)
+            timer._rehook()
+            return out
+
+        mixed.MixedForward.__enter__ = enter
+        self._rehook()
+
+    def _begin(self, i: int):
+        def hook(module, args):
+            sync(self.b.device)
+            self._start[i] = self.clock()
+
+        return hook
+
+    def _end(self, i: int, kind: str):
+        def hook(module, args, output):
+            sync(self.b.device)
+            self.totals[kind] += self.clock() - self._start.pop(i, self.clock())
+
+        return hook
+
+    def _rehook(self) -> None:
+        for h in self._post:
+            h.remove()
+        self._post = [
+            s.module.register_forward_hook(self._end(i, layer_kind(s.module)))
+            for i, s in enumerate(self.slots)
+        ]
+
+    def close(self) -> None:
+        mixed.MixedForward.__enter__ = self._enter
+        for h in self._pre + self._post:
+            h.remove()
+
+
+def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) -> dict:
+    """ms per batch for each mix and strategy, interleaved; and per layer kind."""
+    x = b.batch(batch)
+    out: dict = {"ms": defaultdict(list), "layers_ms": {}}
+    saved = mixed.GATHER_COST
+    mixes = [(t, batch // t) for t, _ in MIXES if batch % t == 0]
+    try:
+        for r in range(repeats):
+            for strategy, cost in STRATEGIES.items():
+                mixed.GATHER_COST = cost
+                for tasks, each in mixes[r % 2 :] + mixes[: r % 2]:
+                    step = b.predict_step(b.rows(tasks, each), x)
+                    step()
+                    out["ms"][f"{strategy} {tasks}x{each}"].append(
+                        1e3 * median_s(step, 3, b.device)
+                    )
+        if per_layer:
+            for strategy, cost in STRATEGIES.items():
+                mixed.GATHER_COST = cost
+                for tasks, each in mixes:
+                    timer = LayerTimer(b)
+                    try:
+                        step = b.predict_step(b.rows(tasks, each), x)
+                        step()
+                        timer.totals.clear()
+                        for _ in range(3):
+                            step()
+                        kinds = {k: 1e3 * v / 3 for k, v in timer.totals.items()}
+                    finally:
+                        timer.close()
+                    out["layers_ms"][f"{strategy} {tasks}x{each}"] = kinds
+    finally:
+        mixed.GATHER_COST = saved
+    out["ms"] = dict(out["ms"])
+    return out
+
+
+def in_process(b: Bench, repeats: int, seconds: float, batch: int = 8) -> dict:
+    return {
+        "switch": switch_figure(b, repeats),
+        "engine_vs_plain": engine_vs_plain(b, batch, repeats, seconds),
+        "mixed": mixed_table(b, repeats, batch),
+        "artifact_bytes": b.artifact_bytes,
+        "task_state_bytes": statistics.mean(s.nbytes for s in b.states),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Over HTTP
+
+
+def round_robin(requests: list[loadgen.Request]):
+    turn = [0]
+
+    def choose(rng) -> loadgen.Request:
+        turn[0] += 1
+        return requests[turn[0] % len(requests)]
+
+    return choose
+
+
+def metric(proc: procs.Proc, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(proc.url("/metrics"), timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def http(
+    workdir: Path,
+    folder: Path,
+    config: Config,
+    names: list[str],
+    repeats: int,
+    seconds: float,
+    warmup_s: float,
+    clients: int = 8,
+) -> dict:
+    """One task vs 200 (uniform) vs 4 (in turn), 8 clients, sides interleaved; memory."""
+    images = fixtures.jpegs(config.input_size)
+
+    def req(name, j=0):
+        body = images[j % len(images)]
+        return loadgen.Request.post(f"/predict?task={name}&top_k=5", body, "image/jpeg")
+
+    sides = {
+        "one": lambda: round_robin([req(names[0], j) for j in range(4)]),
+        "many": lambda: (lambda rs: lambda rng: rng.choice(rs))(
+            [req(m, i) for i, m in enumerate(names)]
+        ),
+        "mixed4": lambda: round_robin([req(m, i) for i, m in enumerate(names[:4])]),
+    }
+    out: dict = {k: [] for k in sides}
+    one_folder = folder.parent / (folder.name + "-one")
+    one_folder.mkdir(exist_ok=True)
+    (one_folder / f"{names[0]}.safetensors").write_bytes(
+        (folder / f"{names[0]}.safetensors").read_bytes()
+    )
+    proc = start(workdir, one_folder, config, "one")
+    try:
+        loadgen.run(proc.port, sides["one"](), clients, 2000, warmup_s)
+        out["rss_one_task"] = proc.rss_bytes(children=True)
+    finally:
+        proc.stop()
+    proc = start(workdir, folder, config, "many")
+    try:
+        for name in names:  # every task used once
+            loadgen.run(proc.port, lambda rng, n=name: req(n), 1, 1, 30)
+        for r in range(repeats):
+            order = list(sides)
+            order = order[r % 3 :] + order[: r % 3]
+            for side in order:
+                choose = sides[side]()
+                loadgen.run(proc.port, choose, clients, 2000, warmup_s, seed=r + 100)
+                cpu = proc.cpu_s(children=True)
+                res = loadgen.run(proc.port, choose, clients, 5000, seconds, seed=r)
+                used = proc.cpu_s(children=True) - cpu
+                out[side].append(
+                    {
+                        "images_per_s": res.images_per_s,
+                        "images_per_cpu_s": res.images / used if used else None,
+                        "errors": dict(res.errors),
+                        "p50_ms": res.p(50),
+                    }
+                )
+        out["rss_many"] = proc.rss_bytes(children=True)
+        out["task_state_bytes"] = metric(proc, "piggy_task_state_bytes")
+        out["switches"] = metric(proc, "piggy_task_switches_total")
+        out["mixed_batches"] = metric(proc, "piggy_mixed_batches_total")
+    finally:
+        proc.stop()
+    out["n_tasks"] = len(names)
+    out["artifact_bytes"] = (folder / f"{names[0]}.safetensors").stat().st_size
+    return out
+
+
+def start(workdir: Path, folder: Path, config: Config, tag: str) -> procs.Proc:
+    proc = procs.start_ours(
+        workdir,
+        folder,
+        config.backbone,
+        config.weights,
+        config.batch,
+        tag=f"{tag}-{config.backbone}",
+        extra_env={"PIGGY_DEVICE": "cpu"},
+    )
+    proc.wait_ready("/readyz", 600)
+    return proc
+
+
+# ---------------------------------------------------------------------------------------
+# `python -m bench.multitask`
+
+CONFIGS = {
+    "efficientnet_lite0": Config("efficientnet_lite0", None, 64, 8, 8),
+    "resnet18": Config("resnet18", "random", 64, 8, 8),
+}
+
+
+def ratio(a: list[float], b: list[float]) -> float:
+    """Median of per-repeat ratios a[i] / b[i]."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True) if x and y)
+
+
+def rates(runs: list[dict], key: str = "images_per_cpu_s") -> list[float]:
+    return [r.get(key) or float("nan") for r in runs]
+
+
+def figures(res: dict) -> dict[str, float]:
+    """The issue's rows, from one backbone's results."""
+    out: dict[str, float] = {}
+    ip, h = res.get("in_process"), res.get("http")
+    if h:
+        for figure, side in (
+            ("many ÷ one task, 200 tasks, HTTP", "many"),
+            ("mixed ÷ one task, 4 tasks, HTTP", "mixed4"),
+        ):
+            out[figure] = ratio(rates(h[side]), rates(h["one"]))
+            out[figure + " (wall)"] = ratio(
+                rates(h[side], "images_per_s"), rates(h["one"], "images_per_s")
+            )
+        growth = (h["rss_many"] - h["rss_one_task"]) / (h["n_tasks"] - 1)
+        out["server memory per task ÷ artifact bytes (RSS)"] = growth / h["artifact_bytes"]
+        out["task_state_bytes per task ÷ artifact bytes"] = (
+            h["task_state_bytes"] / h["n_tasks"] / h["artifact_bytes"]
+        )
+    if ip:
+        s = ip["switch"]
+        out["task switch ÷ batch-1 forward"] = ratio(s["switch_ms"], s["forward_b1_ms"])
+        e = ip["engine_vs_plain"]
+        out["engine ÷ plain model, one task, in-process"] = ratio(
+            rates(e["engine"]), rates(e["plain"])
+        )
+        if h:
+            out["serving ÷ raw, 1 task, HTTP"] = statistics.median(
+                rates(h["one"])
+            ) / statistics.median(rates(e["plain"]))
+    return out
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = [f"# Issue 11: many tasks at the speed of one\n\nCommand: `{command}`\n"]
+    lines.append(
+        "Ratios are medians of per-repeat ratios of images per CPU second of the measured "
+        "process (server: psutil, children included); `(wall)` rows use wall-clock images/s.\n"
+    )
+    names = list(results["beds"])
+    lines.append("| figure | goal | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "---|" * len(names))
+    goals = {
+        "many ÷ one task, 200 tasks, HTTP": "≥ 0.80",
+        "mixed ÷ one task, 4 tasks, HTTP": "≥ 0.95",
+        "task switch ÷ batch-1 forward": "≤ 0.05",
+        "engine ÷ plain model, one task, in-process": "≥ 0.97",
+        "server memory per task ÷ artifact bytes (RSS)": "≤ 1.5",
+        "task_state_bytes per task ÷ artifact bytes": "≤ 1.5",
+        "serving ÷ raw, 1 task, HTTP": "(was 0.76)",
+    }
+    figs = {n: figures(results["beds"][n]) for n in names}
+    rows = sorted(
+        {k for f in figs.values() for k in f},
+        key=lambda k: (
+            list(goals).index(k.replace(" (wall)", "")) if k.replace(" (wall)", "") in goals else 99
+        ),
+    )
+    for row in rows:
+        goal = goals.get(row, "")
+        lines.append(
+            f"| {row} | {goal} | "
+            + " | ".join(f"{figs[n].get(row, float('nan')):.3f}" for n in names)
+            + " |"
+        )
+    for n in names:
+        ip = results["beds"][n].get("in_process")
+        if not ip:
+            continue
+        m = ip["mixed"]
+        lines.append(
+            f"\n## {n}: mixed batches in-process, ms per batch "
+            "(median over repeats; CPU ms on the CPU) and ÷ the one-task batch (default)\n"
+        )
+        mixes = sorted({k.split()[1] for k in m["ms"]}, key=lambda mix: int(mix.split("x")[0]))
+        lines.append("| mix | " + " | ".join(STRATEGIES) + " | best |")
+        lines.append("|---|" + "---|" * (len(STRATEGIES) + 1))
+        one = statistics.median(next(v for k, v in m["ms"].items() if k.startswith("default 1x")))
+        for mix in mixes:
+            vals = {s: statistics.median(m["ms"][f"{s} {mix}"]) for s in STRATEGIES}
+            best = min(vals, key=vals.get)
+            lines.append(
+                f"| {mix} | "
+                + " | ".join(f"{v:.1f} ms ({v / one:.2f}×)" for v in vals.values())
+                + f" | {best} |"
+            )
+        if m.get("layers_ms"):
+            lines.append(
+                "\nTime per layer kind (ms per batch, forward hooks, corrections included), "
+                "and which strategy wins per kind:\n"
+            )
+            kinds = sorted({k for v in m["layers_ms"].values() for k in v})
+            lines.append("| mix | strategy | " + " | ".join(kinds) + " |")
+            lines.append("|---|---|" + "---|" * len(kinds))
+            for key, v in m["layers_ms"].items():
+                s, mix = key.split()
+                lines.append(
+                    f"| {mix} | {s} | " + " | ".join(f"{v.get(k, 0):.1f}" for k in kinds) + " |"
+                )
+            for mix in mixes:
+                if mix.startswith("1x"):
+                    continue
+                wins = []
+                for k in kinds:
+                    per = {
+                        s: m["layers_ms"][f"{s} {mix}"].get(k, 0)
+                        for s in ("corrections", "segments")
+                    }
+                    wins.append(f"{k}: {min(per, key=per.get)}")
+                lines.append(f"\n{mix} winners: " + ", ".join(wins))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import shlex
+    import sys
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="python -m bench.multitask", description=__doc__)
+    p.add_argument("--backbones", default="efficientnet_lite0,resnet18")
+    p.add_argument("--tasks", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--window-s", type=float, default=4.0)
+    p.add_argument("--no-http", action="store_true")
+    p.add_argument("--quick", action="store_true", help="resnet18 32 px, 8 tasks, tiny windows")
+    p.add_argument("--out", type=Path, help="folder for multitask.json and MULTITASK.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        configs = [Config("resnet18", "random", 32, 8, 8)]
+        args.tasks, args.repeats, args.window_s = 8, 1, 0.3
+    else:
+        configs = [CONFIGS[n] for n in args.backbones.split(",")]
+    results: dict = {"beds": {}}
+    with tempfile.TemporaryDirectory(prefix="piggy-mt-") as tmp:
+        work = Path(tmp)
+        for cfg in configs:
+            print(f"[multitask] {cfg.label}", file=sys.stderr, flush=True)
+            backbone = fixtures.backbone_for(cfg)
+            folder = work / f"reg-{cfg.backbone}"
+            names = write_tasks(folder, backbone, cfg, args.tasks)
+            b = Bench(cfg, backbone, folder, min(8, args.tasks), "cpu")
+            try:
+                bed = {"in_process": in_process(b, args.repeats, args.window_s)}
+            finally:
+                b.close()
+            if not args.no_http:
+                warm = min(1.0, args.window_s / 2)
+                bed["http"] = http(work, folder, cfg, names, args.repeats, args.window_s, warm)
+            results["beds"][cfg.label] = bed
+    command = "python -m bench.multitask " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = markdown(results, command)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "multitask.json").write_text(json.dumps(results, indent=1, default=float))
+        (args.out / "MULTITASK.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Issue 11's bench code runs (tiny, CPU): tasks, the in-process figures, the report."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import gpu, multitask
+from masks import artifact as artifacts
+
+
+def test_switch_off_more_switches_off_more_bits():
+    base = artifacts.read(multitask.DEMO / "mnist.safetensors")
+    more = multitask.switch_off_more(base, 0.005, seed=1, name="m1")
+    other = multitask.switch_off_more(base, 0.005, seed=2, name="m2")
+    key = next(iter(base.masks))
+    n = base.masks[key].numel
+    on = [a.mask(key, (n,)) for a in (base, more, other)]
+    assert not (on[1] & ~on[0]).any()  # only switches off
+    assert on[1].sum() < on[0].sum()
+    assert not torch.equal(on[1], on[2])  # a different set per task
+    assert more.task == "m1"
+
+
+def test_gpu_bench_quick_on_cpu(tmp_path, capsys):
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    (bed,) = results["beds"].values()
+    ip = bed["in_process"]
+    assert ip["switch"]["switch_ms"][0] > 0 and ip["switch"]["forward_b1_ms"][0] > 0
+    assert {"default 1x4", "corrections 2x2", "segments 4x1"} <= set(ip["mixed"]["ms"])
+    assert ip["mixed"]["layers_ms"]["segments 4x1"]["kxk"] > 0
+    text = (tmp_path / "GPU.md").read_text()
+    assert "| task switch ÷ batch-1 forward | ≤ 0.05 |" in text
+    assert "4x1 winners:" in text
+
+
+def test_gpu_bench_refuses_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main(["--device", "cuda"]) == 2
+
+
+def test_figures_from_http_results():
+    runs = lambda cpu: [{"images_per_s": cpu, "images_per_cpu_s": cpu}] * 3  # noqa: E731
+    h = {
+        "one": runs(100.0),
+        "many": runs(85.0),
+        "mixed4": runs(96.0),
+        "rss_one_task": 1000,
+        "rss_many": 1000 + 199 * 50,
+        "n_tasks": 200,
+        "artifact_bytes": 100,
+        "task_state_bytes": 200 * 120,
+    }
+    f = multitask.figures({"http": h})
+    assert f["many ÷ one task, 200 tasks, HTTP"] == 0.85
+    assert f["mixed ÷ one task, 4 tasks, HTTP"] == 0.96
+    assert f["server memory per task ÷ artifact bytes (RSS)"] == 0.5
+    assert f["task_state_bytes per task ÷ artifact bytes"] == 1.2
