@@ -24,18 +24,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# pyproject.toml alone: an empty README.md stands in for the real one (pyproject names it),
+# so that editing the README does not rebuild this layer.
+COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=deploy/wheels,target=/wheels \
     mkdir masks server client \
-    && touch masks/__init__.py server/__init__.py client/__init__.py \
+    && touch README.md masks/__init__.py server/__init__.py client/__init__.py \
     && if ls /wheels/*.whl >/dev/null 2>&1; then pip install --find-links /wheels /wheels/*.whl; fi \
     && pip install --find-links /wheels '.[server]' \
     && pip uninstall -y piggyback-serve triton \
-    && rm -rf masks server client build ./*.egg-info
+    && rm -rf masks server client build ./*.egg-info README.md
 
 # The project itself, as a wheel (setuptools is already in the venv: torch needs it).
 FROM deps AS build
+COPY README.md ./
 COPY masks ./masks
 COPY server ./server
 COPY client ./client

@@ -102,7 +102,10 @@ def test_dependency_layer_comes_before_the_source():
     steps = [f"{w} {a}" for w, a in dockerfile()]
     deps = next(i for i, s in enumerate(steps) if re.search(r"pip install .*'\.\[server\]'", s))
     source = next(i for i, s in enumerate(steps) if s.startswith("COPY masks"))
-    assert steps[deps - 1].startswith("COPY pyproject.toml README.md") and deps < source
+    # pyproject.toml alone (a README edit must not rebuild the dependency layer).
+    assert steps[deps - 1] == "COPY pyproject.toml ./" and deps < source
+    assert "touch README.md" in steps[deps]
+    assert "COPY README.md ./" in steps[deps + 1 : source]
     # Local wheels (deploy/wheels) go before PyPI; the folder exists for the bind mount.
     assert "source=deploy/wheels,target=/wheels" in steps[deps]
     assert "--find-links /wheels" in steps[deps]
