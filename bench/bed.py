@@ -64,11 +64,6 @@ class Bed:
         """What the peers' LRU of `cache_tasks` full copies holds (backbone bytes each)."""
         return self.options.cache_tasks * self.params_bytes
 
-    @property
-    def cache_bytes(self) -> int:
-        """The old name (bench/ray_proxy.py passes it as PIGGY_CACHE_BYTES, now ignored)."""
-        return self.peer_cache_bytes
-
     def artifact(self, i: int):
         return artifacts.read(self.registry / f"{self.names[i]}.safetensors")
 

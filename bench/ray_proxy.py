@@ -68,7 +68,6 @@ def _server_env(bed: Bed) -> dict[str, str]:
         "PIGGY_REGISTRY": f"dir:{bed.registry}",
         "PIGGY_BACKBONE": cfg.backbone,
         "PIGGY_MAX_BATCH_SIZE": str(cfg.batch),
-        "PIGGY_CACHE_BYTES": str(bed.cache_bytes),
         "PIGGY_QUEUE_SIZE": "1024",
         "PIGGY_REGISTRY_RESCAN_S": "30",
         "PIGGY_DEVICE": bed.device,

@@ -39,10 +39,6 @@ class Task:
         return self.name, self.version
 
     @property
-    def state_bytes(self) -> int:
-        return self.state.nbytes
-
-    @property
     def sparsity(self) -> float:
         """Fraction of masked weights switched off, as the artifact's metrics record it."""
         return self.artifact.metrics.get("sparsity", 0.0)

@@ -115,7 +115,7 @@ class MixedForward:
         flat = self.working.base[slot.offset : slot.offset + slot.numel].clone()
         zeroed = state.zeroed[starts[index] : starts[index + 1]]
         if zeroed.numel():
-            flat.index_put_((zeroed - slot.offset,), torch.zeros((), dtype=flat.dtype))
+            flat.index_fill_(0, zeroed.long() - slot.offset, 0)
         return flat.as_strided(slot.shape, slot.strides)
 
     def _bn_vector(self, state: TaskState | None) -> torch.Tensor:

@@ -44,7 +44,7 @@ class Services:
         return {
             "task_switches": engine.stats.switches,
             "mixed_batches": engine.stats.mixed_batches,
-            "task_state_bytes": sum(t.state_bytes for t in tasks),
+            "task_state_bytes": sum(t.state.nbytes for t in tasks),
             "device_task_state_bytes": engine.device_state_bytes,
             "working_copy_bytes": engine.working.nbytes if engine.working else 0,
             "tasks_registered": len(tasks),

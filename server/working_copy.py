@@ -66,8 +66,7 @@ class WorkingCopy:
 
     def __init__(self, backbone: Backbone):
         module = backbone.module
-        self.slots = self._rebind_masked(module, backbone.maskable())
-        self.flat = self._flat_of_masked
+        self.slots, self.flat = self._rebind_masked(module, backbone.maskable())
         self.base = self.flat.clone()
         self.bn_offsets, self.bn_flat = self._rebind_batchnorm(module)
         self.bn_base = self.bn_flat.clone()
@@ -75,7 +74,10 @@ class WorkingCopy:
         self._zeroed = torch.empty(0, dtype=torch.int32, device=self.flat.device)
         self._bn_written = torch.empty(0, dtype=torch.int32, device=self.flat.device)
 
-    def _rebind_masked(self, module: nn.Module, weights: dict[str, nn.Parameter]) -> list[Slot]:
+    @staticmethod
+    def _rebind_masked(
+        module: nn.Module, weights: dict[str, nn.Parameter]
+    ) -> tuple[list[Slot], torch.Tensor]:
         total = sum(w.numel() for w in weights.values())
         first = next(iter(weights.values()))
         flat = torch.empty(total, dtype=first.dtype, device=first.device)
@@ -88,8 +90,7 @@ class WorkingCopy:
             owner.weight = nn.Parameter(view, requires_grad=False)
             slots.append(Slot(name, owner, offset, tuple(view.shape), tuple(view.stride())))
             offset += weight.numel()
-        self._flat_of_masked = flat
-        return slots
+        return slots, flat
 
     def _rebind_batchnorm(self, module: nn.Module) -> tuple[dict[str, int], torch.Tensor]:
         found = {}
