@@ -1,8 +1,9 @@
 """Issue 11's figures: many tasks at the speed of one.
 
 In-process (any device): a task switch vs a batch-1 forward; the engine on one task vs
-the plain module; mixed batches (1x8, 2x4, 4x2, 8x1) with the mixed strategy chosen per
-layer (default), forced to corrections (GATHER_COST = 0) and forced to per-task segments
+the plain module; mixed batches (1x8, 2x4, 4x2, 8x1) run per task (the batch split by
+task, the working copy patched between pieces) and in one pass: with the way chosen per
+layer (one-pass), forced to corrections (GATHER_COST = 0) and forced to per-task segments
 (GATHER_COST = 1e12), with time per layer kind.
 Over HTTP (CPU): 200 tasks vs one, 4 tasks in turn vs one, server memory per task.
 Rates are images per CPU second of the measured process (and wall-clock images/s).
@@ -31,7 +32,13 @@ from server.settings import Settings
 
 DEMO = Path(__file__).resolve().parent.parent / "masks" / "demo_tasks"
 MIXES = ((1, 8), (2, 4), (4, 2), (8, 1))  # (tasks, rows each)
-STRATEGIES = {"default": mixed.GATHER_COST, "corrections": 0.0, "segments": 1e12}
+# Per strategy: the GATHER_COST of one pass (server/mixed.py), or None: per task.
+STRATEGIES = {
+    "per-task": None,
+    "one-pass": mixed.GATHER_COST,
+    "corrections": 0.0,
+    "segments": 1e12,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -260,12 +267,17 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
     """ms per batch for each mix and strategy, interleaved; and per layer kind."""
     x = b.batch(batch)
     out: dict = {"ms": defaultdict(list), "layers_ms": {}}
-    saved = mixed.GATHER_COST
+    saved = mixed.GATHER_COST, b.engine.one_pass
     mixes = [(t, batch // t) for t, _ in MIXES if batch % t == 0]
+
+    def use(cost: float | None) -> None:
+        b.engine.one_pass = cost is not None
+        mixed.GATHER_COST = saved[0] if cost is None else cost
+
     try:
         for r in range(repeats):
             for strategy, cost in STRATEGIES.items():
-                mixed.GATHER_COST = cost
+                use(cost)
                 for tasks, each in mixes[r % 2 :] + mixes[: r % 2]:
                     step = b.predict_step(b.rows(tasks, each), x)
                     step()
@@ -274,7 +286,9 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
                     )
         if per_layer:
             for strategy, cost in STRATEGIES.items():
-                mixed.GATHER_COST = cost
+                if cost is None:
+                    continue  # per task runs whole forwards: no per-layer split to show
+                use(cost)
                 for tasks, each in mixes:
                     timer = LayerTimer(b)
                     try:
@@ -288,7 +302,7 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
                         timer.close()
                     out["layers_ms"][f"{strategy} {tasks}x{each}"] = kinds
     finally:
-        mixed.GATHER_COST = saved
+        mixed.GATHER_COST, b.engine.one_pass = saved
     out["ms"] = dict(out["ms"])
     return out
 
@@ -498,12 +512,12 @@ def markdown(results: dict, command: str) -> str:
         m = ip["mixed"]
         lines.append(
             f"\n## {n}: mixed batches in-process, ms per batch "
-            "(median over repeats; CPU ms on the CPU) and ÷ the one-task batch (default)\n"
+            "(median over repeats; CPU ms on the CPU) and ÷ the one-task batch\n"
         )
         mixes = sorted({k.split()[1] for k in m["ms"]}, key=lambda mix: int(mix.split("x")[0]))
         lines.append("| mix | " + " | ".join(STRATEGIES) + " | best |")
         lines.append("|---|" + "---|" * (len(STRATEGIES) + 1))
-        one = statistics.median(next(v for k, v in m["ms"].items() if k.startswith("default 1x")))
+        one = statistics.median(next(v for k, v in m["ms"].items() if k.startswith("per-task 1x")))
         for mix in mixes:
             vals = {s: statistics.median(m["ms"][f"{s} {mix}"]) for s in STRATEGIES}
             best = min(vals, key=vals.get)

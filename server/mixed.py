@@ -47,6 +47,7 @@ class Block:
     state: TaskState
     start: int
     stop: int
+    key: tuple[str, str] | None = None  # the task's (name, version); None: pristine
 
 
 @dataclass(frozen=True)

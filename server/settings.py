@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    # How a batch that mixes tasks runs: "one-pass" (one forward, a sparse correction per
+    # layer: server/mixed.py), "per-task" (the batch split by task, the working copy patched
+    # between the pieces) or "auto": per-task on the CPU, where it measured as fast or
+    # faster (bench/results/MULTITASK.md), one-pass elsewhere.
+    mixed_batches: Literal["auto", "one-pass", "per-task"] = "auto"
 
     max_body_bytes: int = Field(16 * MiB, ge=1)
     max_artifact_bytes: int = Field(256 * MiB, ge=1)

@@ -1,6 +1,8 @@
 """The engine alone: a mixed batch answers what each task answers alone (masks.inference).
 
 Tasks here switch off 0%, 1%, 10% and 20% of the weights; one has its own BatchNorm.
+Both ways of running a mixed batch are checked: one pass with sparse corrections, and
+per task with the working copy patched between the pieces.
 """
 
 import random
@@ -20,8 +22,9 @@ SIZE = 32
 KEEP = {"dense": 1.0, "one": 0.99, "ten": 0.9, "fifth": 0.8}
 
 
-def start_engine(name: str) -> Engine:
-    engine = Engine(Settings(backbone=name, device="cpu"), load_backbone(name, "random"))
+def start_engine(name: str, mixed_batches: str = "one-pass") -> Engine:
+    settings = Settings(backbone=name, device="cpu", mixed_batches=mixed_batches)
+    engine = Engine(settings, load_backbone(name, "random"))
     engine._load()
     return engine
 
@@ -52,10 +55,10 @@ def expected(backbone, artifact, x):
         return torch.softmax(inference.forward(backbone, params, x), -1)
 
 
-@pytest.fixture(scope="module")
-def resnet():
+@pytest.fixture(scope="module", params=["one-pass", "per-task"])
+def resnet(request):
     reference = load_backbone("resnet18", "random")
-    engine = start_engine("resnet18")
+    engine = start_engine("resnet18", request.param)
     arts = {
         name: make_artifact(reference, name, n_labels=3 + i, seed=i, input_size=SIZE, keep=keep)
         for i, (name, keep) in enumerate(KEEP.items())
@@ -103,12 +106,34 @@ def test_each_shape_of_batch(resnet, names):
 
 def test_the_lead_is_the_majority_task_or_the_pristine_backbone(resnet):
     _, engine, _, states = resnet
+    if not engine.one_pass:
+        pytest.skip("per-task batches have no lead")
     x = torch.randn(4, 3, SIZE, SIZE)
     run(engine, states, ["fifth", "fifth", "fifth", "one"], x)
     assert engine.working.patched == ("fifth", "1")
     x = torch.randn(5, 3, SIZE, SIZE)
     run(engine, states, ["fifth", "fifth", "one", "ten", "ten"], x)
     assert engine.working.patched is None  # no majority: every row corrects its own task
+
+
+def test_per_task_pieces_start_with_the_task_already_patched(resnet):
+    _, engine, _, states = resnet
+    if engine.one_pass:
+        pytest.skip("one-pass batches patch the copy to their lead")
+    x = torch.randn(4, 3, SIZE, SIZE)
+    run(engine, states, ["one", "one"], x[:2])
+    switches = engine.stats.switches
+    run(engine, states, ["ten", "one", "ten", "one"], x)
+    assert engine.stats.switches == switches + 1  # "one" ran first, then one patch to "ten"
+    assert engine.working.patched == ("ten", "1")
+
+
+def test_auto_runs_per_task_on_the_cpu():
+    settings = Settings(backbone="resnet18", device="cpu")
+    engines = [Engine(settings), Engine(settings.model_copy(update={"mixed_batches": "one-pass"}))]
+    assert [e.one_pass for e in engines] == [False, True]
+    for engine in engines:
+        engine.close()
 
 
 def test_switching_back_restores_the_pristine_weights_exactly(resnet):
