@@ -473,24 +473,32 @@ def figures(res: dict) -> dict[str, float]:
     return out
 
 
+GOALS = {
+    "many ÷ one task, 200 tasks, HTTP": "≥ 0.80",
+    "mixed ÷ one task, 4 tasks, HTTP": "≥ 0.95",
+    "task switch ÷ batch-1 forward": "≤ 0.05",
+    "engine ÷ plain model, one task, in-process": "≥ 0.97",
+    "server memory per task ÷ artifact bytes (RSS)": "≤ 1.5",
+    "task_state_bytes per task ÷ artifact bytes": "≤ 1.5",
+    "serving ÷ raw, 1 task, HTTP": "(was 0.76)",
+}
+
+
 def markdown(results: dict, command: str) -> str:
-    lines = [f"# Issue 11: many tasks at the speed of one\n\nCommand: `{command}`\n"]
-    lines.append(
+    head = f"# Issue 11: many tasks at the speed of one\n\nCommand: `{command}`\n"
+    return head + "\n".join(tables(results)) + "\n"
+
+
+def tables(results: dict) -> list[str]:
+    """The figures per backbone, then the in-process mixed batches per strategy."""
+    lines = [
         "Ratios are medians of per-repeat ratios of images per CPU second of the measured "
         "process (server: psutil, children included); `(wall)` rows use wall-clock images/s.\n"
-    )
+    ]
     names = list(results["beds"])
     lines.append("| figure | goal | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
-    goals = {
-        "many ÷ one task, 200 tasks, HTTP": "≥ 0.80",
-        "mixed ÷ one task, 4 tasks, HTTP": "≥ 0.95",
-        "task switch ÷ batch-1 forward": "≤ 0.05",
-        "engine ÷ plain model, one task, in-process": "≥ 0.97",
-        "server memory per task ÷ artifact bytes (RSS)": "≤ 1.5",
-        "task_state_bytes per task ÷ artifact bytes": "≤ 1.5",
-        "serving ÷ raw, 1 task, HTTP": "(was 0.76)",
-    }
+    goals = GOALS
     figs = {n: figures(results["beds"][n]) for n in names}
     rows = sorted(
         {k for f in figs.values() for k in f},
@@ -550,7 +558,34 @@ def markdown(results: dict, command: str) -> str:
                     }
                     wins.append(f"{k}: {min(per, key=per.get)}")
                 lines.append(f"\n{mix} winners: " + ", ".join(wins))
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def run(
+    configs: list[Config], tasks: int, repeats: int, window_s: float, over_http: bool = True
+) -> dict:
+    """Every figure of the issue for each config (CPU): in-process, then over HTTP."""
+    import sys
+    import tempfile
+
+    results: dict = {"beds": {}}
+    with tempfile.TemporaryDirectory(prefix="piggy-mt-") as tmp:
+        work = Path(tmp)
+        for cfg in configs:
+            print(f"[multitask] {cfg.label}", file=sys.stderr, flush=True)
+            backbone = fixtures.backbone_for(cfg)
+            folder = work / f"reg-{cfg.backbone}"
+            names = write_tasks(folder, backbone, cfg, tasks)
+            b = Bench(cfg, backbone, folder, min(8, tasks), "cpu")
+            try:
+                bed = {"in_process": in_process(b, repeats, window_s)}
+            finally:
+                b.close()
+            if over_http:
+                warm = min(1.0, window_s / 2)
+                bed["http"] = http(work, folder, cfg, names, repeats, window_s, warm)
+            results["beds"][cfg.label] = bed
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,7 +593,6 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import shlex
     import sys
-    import tempfile
 
     p = argparse.ArgumentParser(prog="python -m bench.multitask", description=__doc__)
     p.add_argument("--backbones", default="efficientnet_lite0,resnet18")
@@ -574,23 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tasks, args.repeats, args.window_s = 8, 1, 0.3
     else:
         configs = [CONFIGS[n] for n in args.backbones.split(",")]
-    results: dict = {"beds": {}}
-    with tempfile.TemporaryDirectory(prefix="piggy-mt-") as tmp:
-        work = Path(tmp)
-        for cfg in configs:
-            print(f"[multitask] {cfg.label}", file=sys.stderr, flush=True)
-            backbone = fixtures.backbone_for(cfg)
-            folder = work / f"reg-{cfg.backbone}"
-            names = write_tasks(folder, backbone, cfg, args.tasks)
-            b = Bench(cfg, backbone, folder, min(8, args.tasks), "cpu")
-            try:
-                bed = {"in_process": in_process(b, args.repeats, args.window_s)}
-            finally:
-                b.close()
-            if not args.no_http:
-                warm = min(1.0, args.window_s / 2)
-                bed["http"] = http(work, folder, cfg, names, args.repeats, args.window_s, warm)
-            results["beds"][cfg.label] = bed
+    results = run(configs, args.tasks, args.repeats, args.window_s, not args.no_http)
     command = "python -m bench.multitask " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, command)
     print(text)

@@ -1,9 +1,11 @@
-"""`python -m bench`: every scenario of the benchmark issue, then RESULTS.md and plots.
+"""`python -m bench`: every scenario of the benchmark issues, then RESULTS.md and plots.
 
-Each backbone gets a test bed (100 synthetic tasks, our server on loopback with a cache
-that holds 10 of them); scenarios 1, 3 and 5 run on every bed, 2 and 4 on the first
-(the demo backbone). Every measurement is bounded in time and in request count, and the
-whole run stops starting new work past --budget-s.
+Each backbone gets a test bed (100 synthetic tasks, our server on loopback); scenarios 1,
+3 and 5 run on every bed, 2 and 4 on the first (the demo backbone). Then many tasks at
+the speed of one (bench/multitask.py: efficientnet_lite0 and resnet18 at 64 px, 200
+tasks) and the artifact's size against its entropy (bench/artifact_size.py, the demo
+tasks). Every measurement is bounded in time and in request count, and the whole run
+stops starting new work past --budget-s.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import report
+from bench import artifact_size, multitask, report
 from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios import cold, cost, fairness, peers, serving
@@ -89,16 +91,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", help="comma-separated subset of the backbones to run")
     p.add_argument(
         "--scenarios",
-        default="serving,fairness,cold,peers,redis,scale",
-        help="comma-separated subset of: serving, fairness, cold, peers, redis, scale",
+        default="serving,fairness,cold,peers,redis,scale,multitask,artifact",
+        help="comma-separated subset of: serving, fairness, cold, peers, redis, scale, "
+        "multitask, artifact",
     )
     p.add_argument("--repeats", type=int, help="interleaved repeats per comparison")
     p.add_argument("--window-s", type=float, help="seconds per measurement")
     p.add_argument(
         "--budget-s",
         type=float,
-        default=17 * 60,
-        help="start no new scenario after this many seconds (default 17 min)",
+        default=40 * 60,
+        help="start no new scenario after this many seconds (default 40 min)",
     )
     p.add_argument(
         "--render",
@@ -191,12 +194,31 @@ def main(argv: list[str] | None = None) -> int:
                 results["scale"] = step(f"{cfg.label}: scale", cost.scale, bed)
                 results["scale_backbone"] = cfg.backbone
             _save(results, out, started)  # a report after every bed, in case of a stop
+    if device == "cpu":  # over HTTP the server runs on the CPU (bench.gpu: in-process, CUDA)
+        results["multitask"] = step("multitask", _multitask, options)
+    results["artifact"] = step("artifact", _artifact_sizes)
     if not args.peers:
         results["skipped"].append("peers: not requested (--no-peers / --quick)")
     _save(results, out, started)
     print((out / "RESULTS.md").read_text().split("\n\n")[0])
     log(f"wrote {out / 'RESULTS.md'} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _multitask(options: Options) -> dict:
+    if options.quick:
+        configs, tasks = [Config("resnet18", "random", 32, 8, 8)], 8
+    else:
+        configs, tasks = list(multitask.CONFIGS.values()), 200
+    return multitask.run(configs, tasks, options.repeats, options.window_s)
+
+
+def _artifact_sizes() -> dict:
+    rows = artifact_size.measure_all()
+    return {
+        "figures": artifact_size.figures(rows),
+        "tasks": [dataclasses.asdict(r) for r in rows],
+    }
 
 
 def _save(results: dict, out: Path, started: float) -> None:

@@ -1,12 +1,12 @@
 """The benchmark harness itself, fast: the load generator stays in its bounds, and the
-RESULTS.md writer puts the summary table with the issue's six figure names first."""
+RESULTS.md writer puts the summary table with every issue's figure names first."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from bench import loadgen, report
+from bench import artifact_size, loadgen, report
 from bench.stats import Spread, percentile, ratios
 
 
@@ -152,29 +152,50 @@ def fake_results() -> dict:
     }
 
 
-def test_results_start_with_the_summary_table_and_its_six_figures():
-    text = report.render(fake_results(), ["serving_ratio.png"])
+def test_results_start_with_the_summary_table_and_its_figures():
+    results = fake_results()
+    results["multitask"] = {"beds": {"resnet18 64px b8": {"http": fake_multitask_http()}}}
+    results["artifact"] = {"figures": {artifact_size.ROW_BITS: 0.2}, "tasks": []}
+    text = report.render(results, ["serving_ratio.png"])
     lines = text.splitlines()
-    assert lines[0] == "| figure | value |" and lines[1] == "| --- | --- |"
-    names = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:8]]
-    assert names == [
-        "serving ÷ raw, 1 task, HTTP",
-        "serving ÷ raw, 10 tasks, HTTP",
-        "serving ÷ raw, 100 tasks, HTTP",
-        "bytes per task ÷ (masked params/8 + head)",
+    assert lines[0] == "| figure | goal | value |" and lines[1] == "| --- | --- | --- |"
+    rows = [line.removeprefix("| ").removesuffix(" |").split(" | ") for line in lines[2:16]]
+    assert [r[0] for r in rows[:5]] == [
+        "serving ÷ raw, 1 task, HTTP (efficientnet_lite0 224px b8)",
+        "serving ÷ raw, 10 tasks, HTTP (efficientnet_lite0 224px b8)",
+        "serving ÷ raw, 100 tasks, HTTP (efficientnet_lite0 224px b8)",
         "register a task (parse + validate + engine.prepare) ÷ batch-1 forward",
         "ours ÷ Ray Serve multiplex, 100 tasks",
     ]
-    values = [line.rstrip(" |").rsplit(" | ", 1)[1] for line in lines[2:8]]
-    assert values == ["0.960", "0.920", "0.400", "1.010", "0.500", "3.000"]
+    assert [r[2] for r in rows[:5]] == ["0.960", "0.920", "0.400", "0.500", "3.000"]
+    by_name = {r[0]: r[1:] for r in rows}
+    assert by_name["many ÷ one task, 200 tasks, HTTP (resnet18 64px b8)"] == ["≥ 0.80", "0.850"]
+    assert by_name["task switch ÷ batch-1 forward (resnet18 64px b8)"][1] == "not measured"
+    assert by_name[artifact_size.ROW_BITS] == ["≤ 0.25", "0.200"]
+    assert by_name[artifact_size.ROW_ENTROPY] == ["≤ 1.3", "not measured"]
+    assert "## 6. Many tasks at the speed of one" in text
     assert "![serving_ratio.png](serving_ratio.png)" in text
+
+
+def fake_multitask_http() -> dict:
+    runs = lambda cpu: [{"images_per_s": cpu, "images_per_cpu_s": cpu}] * 3  # noqa: E731
+    return {
+        "one": runs(100.0),
+        "many": runs(85.0),
+        "mixed4": runs(96.0),
+        "rss_one_task": 1000,
+        "rss_many": 1000 + 199 * 50,
+        "n_tasks": 200,
+        "artifact_bytes": 100,
+        "task_state_bytes": 200 * 120,
+    }
 
 
 def test_a_figure_not_measured_says_so():
     results = fake_results()
     del results["peers"]
     text = report.render(results, [])
-    assert "| ours ÷ Ray Serve multiplex, 100 tasks | not measured |" in text
+    assert "| ours ÷ Ray Serve multiplex, 100 tasks | ≥ 3 (CPU) | not measured |" in text
 
 
 def test_plots_are_written(tmp_path):

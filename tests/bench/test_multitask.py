@@ -29,7 +29,9 @@ def test_gpu_bench_quick_on_cpu(tmp_path, capsys):
     (bed,) = results["beds"].values()
     ip = bed["in_process"]
     assert ip["switch"]["switch_ms"][0] > 0 and ip["switch"]["forward_b1_ms"][0] > 0
-    assert {"per-task 2x2", "one-pass 1x4", "corrections 2x2", "segments 4x1"} <= set(ip["mixed"]["ms"])
+    assert {"per-task 2x2", "one-pass 1x4", "corrections 2x2", "segments 4x1"} <= set(
+        ip["mixed"]["ms"]
+    )
     assert ip["mixed"]["layers_ms"]["segments 4x1"]["kxk"] > 0
     text = (tmp_path / "GPU.md").read_text()
     assert "| task switch ÷ batch-1 forward | ≤ 0.05 |" in text
