@@ -110,7 +110,8 @@ class Engine:
         """A validated artifact's task state (CPU). Thread-safe: call it off the engine."""
         if self.working is None:
             raise RuntimeError("the engine has not started")
-        return task_state.build(artifact, self.working, self.geometries)
+        geometries = self.geometries if self.one_pass else None  # tables for one pass only
+        return task_state.build(artifact, self.working, geometries)
 
     async def predict(self, rows: list[Row], batch: torch.Tensor) -> list[torch.Tensor]:
         """Softmax probabilities per row (float32, on the CPU), row i classified by its task."""

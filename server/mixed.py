@@ -64,6 +64,8 @@ class MixedForward:
     def __init__(
         self, working: WorkingCopy, layers: list[LayerGeometry], blocks: list[Block]
     ) -> None:
+        if not all(b.state.has_corrections for b in blocks):
+            raise ValueError("a task state without correction tables (built for per-task)")
         self.working = working
         self.layers = layers
         self.lead = blocks[0]

@@ -4,8 +4,9 @@ Built once when the task is registered (off the engine thread), from the artifac
 - `zeroed`: the flat working-copy positions of the weights it switches off (int32,
   layer by layer in slot order), with `counts` per layer;
 - `gather`/`out_channel`: for each of those weights, where its input lives in an image of
-  the layer's padded input and which output channel it feeds: what the mixed-batch
-  correction needs (server/mixed.py);
+  the layer's padded input and which output channel it feeds: what the one-pass mixed
+  batch's correction needs (server/mixed.py); built only for an engine that runs mixed
+  batches in one pass (empty otherwise: 4 bytes per switched-off weight instead of 10);
 - the head, and its own BN values at their positions in the BN buffer (if any).
 Nothing dense per task: memory grows with the weights a task switches off.
 """
@@ -40,6 +41,11 @@ class TaskState:
         return self.bn_positions.numel() > 0
 
     @property
+    def has_corrections(self) -> bool:
+        """Whether the one-pass correction tables were built (see `build`)."""
+        return self.gather.numel() == self.zeroed.numel()
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self._tensors().values())
 
@@ -57,24 +63,27 @@ class TaskState:
         }
 
 
-def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries) -> TaskState:
-    """The task state of a validated artifact (CPU tensors)."""
-    layers = geometries.at(artifact.input_size)
+def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries | None) -> TaskState:
+    """The task state of a validated artifact (CPU tensors); with `geometries`, the
+    one-pass correction tables too."""
+    layers = geometries.at(artifact.input_size) if geometries else [None] * len(working.slots)
     zeroed, gather, channel, counts = [], [], [], []
     for slot, geometry in zip(working.slots, layers, strict=True):
         logical = artifact.switched_off(slot.name, slot.numel)
-        offsets, out = geometry.gather_offsets(logical)
         zeroed.append(slot.storage_positions(logical))
-        gather.append(offsets)
-        channel.append(out)
         counts.append(logical.numel())
-    out_channel = torch.cat(channel)
+        if geometry is not None:
+            offsets, out = geometry.gather_offsets(logical)
+            gather.append(offsets)
+            channel.append(out)
+    empty = torch.empty(0, dtype=torch.int64)
+    out_channel = torch.cat(channel) if channel else empty
     narrow = torch.int16 if out_channel.numel() == 0 or out_channel.max() < 2**15 else torch.int32
     bn_positions, bn_values = _bn_patch(artifact, working)
     return TaskState(
         zeroed=_int32(torch.cat(zeroed)),
         counts=torch.tensor(counts, dtype=torch.int64),
-        gather=_int32(torch.cat(gather)),
+        gather=_int32(torch.cat(gather) if gather else empty),
         out_channel=out_channel.to(narrow),
         head_weight=artifact.head_weight.float().contiguous(),
         head_bias=artifact.head_bias.float().contiguous(),

@@ -149,15 +149,17 @@ def test_switching_back_restores_the_pristine_weights_exactly(resnet):
 
 
 def test_a_task_state_is_a_sparse_patch(resnet):
-    reference, _, arts, states = resnet
+    reference, engine, arts, states = resnet
     total = sum(w.numel() for w in reference.maskable().values())
     state: TaskState = states["ten"]
     off = state.zeroed.numel()
     assert 0.09 * total < off < 0.11 * total
-    # int32 position + int32 input offset + int16 channel per switched-off weight; no dense copy.
-    assert state.nbytes == 10 * off + state.head_weight.nbytes + state.head_bias.nbytes + 8 * len(
-        reference.maskable()
-    )
+    # int32 position per switched-off weight, and for one pass an int32 input offset and an
+    # int16 channel; no dense copy.
+    per_weight = 10 if engine.one_pass else 4
+    assert state.has_corrections == engine.one_pass
+    head = state.head_weight.nbytes + state.head_bias.nbytes
+    assert state.nbytes == per_weight * off + head + 8 * len(reference.maskable())
     assert states["dense"].zeroed.numel() == 0
 
 
