@@ -29,6 +29,7 @@ from bench import artifact_size, multitask, report
 from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios import cold, cost, fairness, peers, serving
+from masks import demo
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             _save(results, out, started)  # a report after every bed, in case of a stop
     if device == "cpu":  # over HTTP the server runs on the CPU (bench.gpu: in-process, CUDA)
         results["multitask"] = step("multitask", _multitask, options)
-    results["artifact"] = step("artifact", _artifact_sizes)
+    results["artifact"] = step("artifact", _artifact_sizes, out)
     if not args.peers:
         results["skipped"].append("peers: not requested (--no-peers / --quick)")
     _save(results, out, started)
@@ -213,8 +214,10 @@ def _multitask(options: Options) -> dict:
     return multitask.run(configs, tasks, options.repeats, options.window_s)
 
 
-def _artifact_sizes() -> dict:
+def _artifact_sizes(out: Path) -> dict:
+    """Issue 12's figures; artifact_size.md beside RESULTS.md as `bench.artifact_size` writes it."""
     rows = artifact_size.measure_all()
+    (out / "artifact_size.md").write_text(artifact_size.report(rows, demo.load_demo_backbone()))
     return {
         "figures": artifact_size.figures(rows),
         "tasks": [dataclasses.asdict(r) for r in rows],
@@ -228,6 +231,9 @@ def _save(results: dict, out: Path, started: float) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     made = report.plots(results, out)
     (out / "RESULTS.md").write_text(report.render(results, made))
+    if results.get("multitask"):  # issue 11's page, from this same run
+        text = multitask.markdown(results["multitask"], results["meta"]["command"] + " (section 6)")
+        (out / "MULTITASK.md").write_text(text)
 
 
 def _loadavg() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -32,12 +33,25 @@ class Slot:
     shape: tuple[int, ...]
     strides: tuple[int, ...]  # of the view into the flat buffer (channels_last for convs)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @cached_property
+    def row_major(self) -> bool:
+        """Whether the view's memory order is row-major (dims of size 1 aside): true of
+        linears, 1x1 and depthwise convs even in channels_last."""
+        step, expected = 1, []
+        for size in reversed(self.shape):
+            expected.append(step)
+            step *= size
+        pairs = zip(self.strides, reversed(expected), self.shape, strict=True)
+        return all(stride == want for stride, want, size in pairs if size > 1)
+
     def storage_positions(self, logical: torch.Tensor) -> torch.Tensor:
         """Row-major positions in the weight (as artifacts count) -> flat-buffer positions."""
+        if self.row_major:
+            return logical + self.offset
         coords = unravel(logical, self.shape)
         strides = torch.tensor(self.strides, dtype=torch.int64)
         return self.offset + (coords * strides).sum(dim=1)

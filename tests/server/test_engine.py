@@ -184,3 +184,18 @@ def test_every_backbone_mixes_exactly(name):
     check(reference, arts, names, x, run(engine, states, names, x))
     alone = [expected(reference, arts[n], x[:1])[0] for n in ("t0", "t1", "t2")]
     assert not torch.allclose(alone[0][:3], alone[1][:3], atol=1e-3)  # the tasks do differ
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_storage_positions_address_each_weight_in_the_working_copy(name):
+    """Row-major views (linears, 1x1 and depthwise convs) take a shortcut; all must agree
+    with the weight as the module sees it."""
+    engine = start_engine(name)
+    for slot in engine.working.slots:
+        weight = slot.module.weight.reshape(-1)  # row-major order, whatever the layout
+        logical = torch.arange(0, slot.numel, max(1, slot.numel // 997))
+        got = engine.working.flat[slot.storage_positions(logical)]
+        assert torch.equal(got, weight[logical]), slot.name
+    assert any(s.row_major for s in engine.working.slots)
+    assert not all(s.row_major for s in engine.working.slots)
+    engine.close()
