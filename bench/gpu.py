@@ -1,8 +1,10 @@
 """`python -m bench.gpu`: issue 11's in-process figures on CUDA, at larger batches.
 
 Task switch ÷ batch-1 forward, engine ÷ plain module (one task), and mixed batches
-(1, 2, 4, 8 tasks) with the mixed strategy per layer, forced to corrections and forced to
-segments, with time per layer kind. Bounded: well under 10 minutes on one GPU.
+(1, 2, 4, 8 tasks) run per task and in one pass (the way chosen per layer, forced to
+corrections, forced to segments), with time per layer kind: which of per-task and
+one-pass wins on the card is what `PIGGY_MIXED_BATCHES=auto` should pick there.
+Bounded: well under 10 minutes on one GPU.
 `--device cpu --quick` runs the same code paths in seconds (tests/bench does).
 """
 
