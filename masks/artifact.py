@@ -1,22 +1,24 @@
 """The task artifact: one safetensors file per task (no pickle: uploads are untrusted).
 
 Tensors
-    mask.<param>   uint8, the 0/1 mask of backbone weight <param>, flattened in row-major
-                   order and bit-packed like numpy.packbits (bitorder="big": the first
-                   weight is the most significant bit of byte 0; the last byte is
-                   zero-padded). Format 1: every masked parameter; format 2: those whose
-                   coding is "bitmap".
-    off.<param>    format 2: uint8, the Elias–Fano coded sorted positions of the weights of
-                   <param> switched off (coding "elias-fano", see masks/codec.py); absent
-                   when none is switched off
+    masks          format 2: uint8, every masked parameter's coded mask (masks/codec.py),
+                   the streams concatenated in the order of the metadata table `masks`; no
+                   offsets are stored: each stream's length follows from its table entry
+                   (codec.coded_size). Left out when no stream has a byte (every mask
+                   Elias–Fano coded, none switched off); an empty tensor reads the same.
+    mask.<param>   format 1: uint8, the 0/1 mask of backbone weight <param>, flattened in
+                   row-major order and bit-packed like numpy.packbits (bitorder="big": the
+                   first weight is the most significant bit of byte 0; the last byte is
+                   zero-padded); one per masked parameter. Format 2's bitmap coding is the same.
     head.weight    float32 [num_labels, num_features]
     head.bias      float32 [num_labels]
     bn.<name>.{weight,bias,running_mean,running_var}   optional per-task BatchNorm
 Metadata (all strings)
     format ("1" or "2"), task, backbone, backbone_sha256, labels (JSON list), threshold,
     input_size, mean, std (JSON lists), metrics (JSON object), created (ISO 8601);
-    format 2 adds masks: JSON {param: [coding, switched-off count, numel]} for every
-    masked parameter
+    format 2 adds masks: JSON {coding: [[param, switched-off count, numel], ...]} listing
+    every masked parameter once, codings in codec.CODINGS order (bitmap, then elias-fano;
+    a coding with no parameter left out); the tensor `masks` holds the streams in that order
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ from masks.errors import ArtifactError
 
 FORMAT_VERSION = "2"  # what the writer writes
 FORMATS = ("1", "2")  # what the reader reads
-TENSOR_PREFIX = {codec.BITMAP: "mask", codec.ELIAS_FANO: "off"}
-NO_BYTES = np.zeros(0, dtype=np.uint8)  # a stream left out of the file: it codes 0 bytes
+NO_BYTES = np.zeros(0, dtype=np.uint8)  # format 2's tensor masks left out: no stream has a byte
 METADATA_FIELDS = (
     "format",
     "task",
@@ -121,13 +122,10 @@ class TaskArtifact:
         if version == "1":
             out = {f"mask.{n}": _bitmap(m) for n, m in self.masks.items()}
         else:
-            table = {}
-            for name, mask in self.masks.items():
-                coding, count, stream = mask.coded()
-                table[name] = [coding, count, mask.numel]
-                if stream.size:
-                    out[f"{TENSOR_PREFIX[coding]}.{name}"] = torch.from_numpy(stream)
+            table, streams = _coded(self.masks)
             meta["masks"] = json.dumps(table, separators=(",", ":"))
+            if streams.size:
+                out["masks"] = torch.from_numpy(streams)
         out["head.weight"] = self.head_weight.detach().float().contiguous()
         out["head.bias"] = self.head_bias.detach().float().contiguous()
         out.update({f"bn.{n}": t.detach().float().contiguous() for n, t in self.bn.items()})
@@ -153,6 +151,21 @@ class TaskArtifact:
             "metrics": json.dumps(self.metrics),
             "created": self.created,
         }
+
+
+def _coded(masks: dict[str, Mask]) -> tuple[dict[str, list], np.ndarray]:
+    """Format 2's masks table and its streams, concatenated in the table's order.
+
+    Parameters sorted by name: the same task makes the same file, whatever order its masks
+    were read in (a format-1 file's tensors come back in no fixed order).
+    """
+    by_coding = {coding: [] for coding in codec.CODINGS}
+    for name, mask in sorted(masks.items()):
+        coding, count, stream = mask.coded()
+        by_coding[coding].append(([name, count, mask.numel], stream))
+    table = {coding: [entry for entry, _ in rows] for coding, rows in by_coding.items() if rows}
+    streams = [stream for rows in by_coding.values() for _, stream in rows]
+    return table, np.concatenate([NO_BYTES, *streams])
 
 
 def _bitmap(mask: Mask) -> torch.Tensor:
@@ -261,7 +274,7 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     streams, bn, head = {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, name = key.partition(".")
-        if kind in TENSOR_PREFIX.values() and name:
+        if _is_mask_tensor(key, meta["format"]):
             if tensor.dtype != torch.uint8 or tensor.dim() != 1:
                 raise ArtifactError(key, f"must be a 1-D uint8 tensor, got {tensor.dtype}")
             streams[key] = tensor
@@ -274,7 +287,10 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     for key in ("head.weight", "head.bias"):
         if key not in head:
             raise ArtifactError(key, "missing tensor")
-    masks = _bitmaps(streams) if meta["format"] == "1" else _coded_masks(meta, streams)
+    if meta["format"] == "1":
+        masks = {key.removeprefix("mask."): Mask(numel=None, bits=t) for key, t in streams.items()}
+    else:
+        masks = _coded_masks(meta, streams.get("masks"))
     if not masks:
         raise ArtifactError("mask", "the artifact holds no masks")
     return TaskArtifact(
@@ -295,50 +311,76 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     )
 
 
-def _bitmaps(streams: dict[str, torch.Tensor]) -> dict[str, Mask]:
-    """Format 1: one bitmap per parameter, sized when validated against the backbone."""
-    masks = {}
-    for key, bits in streams.items():
-        kind, _, name = key.partition(".")
-        if kind != "mask":
-            raise ArtifactError(key, "unexpected tensor (format 1 codes masks as mask.*)")
-        masks[name] = Mask(numel=None, bits=bits)
-    return masks
+def _is_mask_tensor(key: str, version: str) -> bool:
+    """Format 1: a tensor mask.<param> per parameter; format 2: the one tensor masks."""
+    if version == "1":
+        return key.startswith("mask.") and key != "mask."
+    return key == "masks"
 
 
-def _coded_masks(meta: dict[str, str], streams: dict[str, torch.Tensor]) -> dict[str, Mask]:
-    """Format 2: every parameter listed in `masks`, its stream decoded and checked."""
-    if "masks" not in meta:
-        raise ArtifactError("masks", "missing from the metadata")
-    masks = {}
-    for name, entry in _json_field(meta, "masks", dict).items():
-        field = f"mask.{name}"
-        coding, count, numel = _mask_entry(field, entry)
-        stream = streams.pop(f"{TENSOR_PREFIX[coding]}.{name}", None)
+def _coded_masks(meta: dict[str, str], streams: torch.Tensor | None) -> dict[str, Mask]:
+    """Format 2: every parameter listed in `masks`, its stream cut from the tensor and decoded.
+
+    The streams' lengths come from the table and are checked against the tensor's real
+    length before anything is decoded: a lying table cannot make the reader allocate more.
+    """
+    entries = _mask_table(meta)
+    sizes = [codec.coded_size(coding, count, numel) for _, coding, count, numel in entries]
+    streams = torch.from_numpy(NO_BYTES) if streams is None else streams
+    _check_length(streams.numel(), sum(sizes))
+    masks, start = {}, 0
+    for (name, coding, count, numel), size in zip(entries, sizes, strict=True):
+        stream, start = streams[start : start + size], start + size
         try:
-            off = codec.decode(coding, NO_BYTES if stream is None else stream.numpy(), count, numel)
+            off = codec.decode(coding, stream.numpy(), count, numel)
         except codec.CodingError as exc:
-            raise ArtifactError(field, str(exc)) from None
+            raise ArtifactError(f"mask.{name}", str(exc)) from None
         bits = stream if coding == codec.BITMAP else None
         masks[name] = Mask(numel=numel, bits=bits, off=torch.from_numpy(off))
-    if streams:
-        key = next(iter(streams))
-        raise ArtifactError(key, "unexpected tensor (not listed under that coding in masks)")
     return masks
 
 
-def _mask_entry(field: str, entry) -> tuple[str, int, int]:
-    """[coding, count, numel] from format 2's masks metadata, each checked."""
-    if not isinstance(entry, list) or len(entry) != 3:
-        raise ArtifactError(field, f"masks entry must be [coding, count, numel], got {entry!r}")
-    coding, count, numel = entry
-    if coding not in codec.CODINGS:
-        raise ArtifactError(field, f"unknown coding {coding!r} (known: {', '.join(codec.CODINGS)})")
+def _check_length(actual: int, needed: int) -> None:
+    if actual < needed:
+        raise ArtifactError(
+            "masks", f"tensor of {actual} bytes, the table needs {needed}: truncated"
+        )
+    if actual > needed:
+        raise ArtifactError("masks", f"tensor has {actual - needed} bytes past the last mask")
+
+
+def _mask_table(meta: dict[str, str]) -> list[tuple[str, str, int, int]]:
+    """Format 2's masks table as (param, coding, count, numel) in stream order, each checked."""
+    if "masks" not in meta:
+        raise ArtifactError("masks", "missing from the metadata")
+    table = _json_field(meta, "masks", dict)
+    for coding, entries in table.items():
+        if coding not in codec.CODINGS:
+            known = ", ".join(codec.CODINGS)
+            raise ArtifactError("masks", f"unknown coding {coding!r} (known: {known})")
+        if not isinstance(entries, list):
+            raise ArtifactError("masks", f"{coding} must list [param, count, numel] entries")
+    listed = {}
+    for coding in codec.CODINGS:
+        for entry in table.get(coding, []):
+            name, count, numel = _mask_entry(entry)
+            if name in listed:
+                raise ArtifactError(f"mask.{name}", "listed twice in masks")
+            listed[name] = (name, coding, count, numel)
+    return list(listed.values())
+
+
+def _mask_entry(entry) -> tuple[str, int, int]:
+    """[param, count, numel] from format 2's masks table, each checked."""
+    if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+        raise ArtifactError("masks", f"entry must be [param, count, numel], got {entry!r}")
+    name, count, numel = entry
+    field = f"mask.{name}"
     if type(numel) is not int or numel < 1:
         raise ArtifactError(field, f"numel must be a positive integer, got {numel!r}")
     if type(count) is not int or not 0 <= count <= numel:
         raise ArtifactError(field, f"count must be an integer in 0..{numel}, got {count!r}")
-    return coding, count, numel
+    return name, count, numel
 
 
 def _float_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,15 +99,34 @@ def test_format_2_codes_each_mask_the_smaller_way(lite0):
     art.masks[names[0]] = artifact.pack_mask(torch.ones(art.masks[names[0]].numel, dtype=bool))
     art.masks[names[1]] = artifact.pack_mask(torch.rand(art.masks[names[1]].numel) < 0.5)
     table = json.loads(art.metadata()["masks"])
-    assert table[names[0]][:2] == ["elias-fano", 0]  # nothing off: no tensor at all
-    assert table[names[1]][0] == "bitmap"  # half off: the bitmap is smaller
-    assert table[names[2]][0] == "elias-fano"  # 20% off
+    assert list(table) == [codec.BITMAP, codec.ELIAS_FANO]  # the streams' order
+    assert [e[0] for e in table[codec.BITMAP]] == [names[1]]  # half off: the bitmap is smaller
+    elias_fano = {name: (count, numel) for name, count, numel in table[codec.ELIAS_FANO]}
+    assert elias_fano[names[0]][0] == 0 and names[2] in elias_fano  # none and 20% off
     tensors = art.tensors()
-    assert f"mask.{names[0]}" not in tensors and f"off.{names[0]}" not in tensors
-    assert f"mask.{names[1]}" in tensors and f"off.{names[2]}" in tensors
+    assert not [k for k in tensors if k.startswith(("mask.", "off."))]
+    sizes = [codec.coded_size(c, n, u) for c, entries in table.items() for _, n, u in entries]
+    assert tensors["masks"].numel() == sum(sizes)
+    bitmap = art.masks[names[1]].bits
+    assert torch.equal(tensors["masks"][: bitmap.numel()], bitmap)  # the bitmaps come first
+    reordered = replace(art, masks=dict(reversed(art.masks.items())))
+    assert reordered.metadata() == art.metadata()  # sorted by name: the same task, the same file
+    assert torch.equal(reordered.tensors()["masks"], tensors["masks"])
     back = artifact.load(artifact.to_bytes(art), lite0)
     assert back.switched_off(names[0], art.masks[names[0]].numel).numel() == 0
     assert _same_masks(back, art, lite0)
+
+
+def test_format_2_without_a_stream_leaves_the_tensor_out_and_reads_an_empty_one(lite0):
+    art = make_artifact(lite0)
+    art.masks = {
+        n: artifact.pack_mask(torch.ones(m.numel, dtype=bool)) for n, m in art.masks.items()
+    }
+    assert "masks" not in art.tensors()
+    empty = _retensor(art, "2", masks=torch.zeros(0, dtype=torch.uint8))
+    for data in (artifact.to_bytes(art), empty):
+        back = artifact.load(data, lite0)
+        assert all(back.switched_off(n, m.numel).numel() == 0 for n, m in art.masks.items())
 
 
 def test_positions_come_back_without_a_bitmap(good, lite0):
@@ -183,45 +203,69 @@ def _corruptions(good, lite0):
 
 
 def _format_2_corruptions(good, lite0):
-    """Format 2's own ways to be wrong; every case names mask.<first> unless EXPECTED_FIELD."""
-    first = next(iter(lite0.maskable()))
+    """Format 2's own ways to be wrong; a v2 case names mask.<first> unless EXPECTED_FIELD."""
+    first = min(lite0.maskable())  # the writer sorts by name: its stream opens the tensor
     numel = lite0.maskable()[first].numel()
     off = good.masks[first].switched_off(numel).numpy()
-    key = f"off.{first}"
-    stream = torch.from_numpy(codec.encode(codec.ELIAS_FANO, off, numel))
-    assert torch.equal(good.tensors()[key], stream)  # 20% off: coded as positions
+    tensors, meta = good.parts("2")
+    entries = json.loads(meta["masks"])[codec.ELIAS_FANO]
+    assert json.loads(meta["masks"]) == {codec.ELIAS_FANO: entries}  # 20% off: all positions
+    assert entries[0] == [first, off.size, numel]  # so first's stream opens the tensor
+    streams = tensors["masks"]
+    size = codec.coded_size(codec.ELIAS_FANO, off.size, numel)
+
+    def table(value):
+        return _retensor(good, "2", **{"meta:masks": json.dumps(value)})
 
     def entry(value, **tensors):
-        table = json.loads(good.metadata()["masks"])
-        table[first] = value
-        return _retensor(good, "2", **{"meta:masks": json.dumps(table)}, **tensors)
+        value = {codec.ELIAS_FANO: [value, *entries[1:]]}
+        return _retensor(good, "2", **{"meta:masks": json.dumps(value)}, **tensors)
+
+    def first_stream(stream):
+        return _retensor(good, "2", masks=torch.cat([stream, streams[size:]]))
 
     low = codec.low_bits(off.size, numel)
     past_the_end = (((numel - 1) >> low) + 1) << low  # still fits the stream's length
     repeated = off.copy()
     repeated[1] = repeated[0]
     return {
-        "v2 truncated": _retensor(good, "2", **{key: stream[:-1].clone()}),
-        "v2 longer": _retensor(good, "2", **{key: torch.cat([stream, stream[:1]])}),
-        "v2 missing stream": _retensor(good, "2", **{key: None}),
-        "v2 count": entry(["elias-fano", off.size + 1, numel]),
-        "v2 count past numel": entry(["elias-fano", numel + 1, numel]),
-        "v2 bomb": entry(["elias-fano", 10**14, 10**15]),
-        "v2 unknown coding": entry(["zstd", off.size, numel]),
-        "v2 entry shape": entry({"coding": "elias-fano"}),
-        "v2 count not int": entry(["elias-fano", float(off.size), numel]),
-        "v2 numel": entry(["elias-fano", 0, numel - 1], **{key: None}),
-        "v2 out of range": _retensor(good, "2", **{key: _ef(off, numel, past_the_end)}),
-        "v2 repeated": _retensor(good, "2", **{key: _ef_unsorted(repeated, numel)}),
-        "v2 unsorted": _retensor(
-            good, "2", **{key: _ef_unsorted(_swap_in_bucket(off, low), numel)}
+        "masks truncated": _retensor(good, "2", masks=streams[:-1].clone()),
+        "masks longer": _retensor(good, "2", masks=torch.cat([streams, streams[:1]])),
+        "masks tensor missing": _retensor(good, "2", masks=None),
+        "masks count lies": entry([first, off.size // 2, numel]),  # streams no longer fit
+        "masks bomb": entry([first, 10**14, 10**15]),
+        "masks unknown coding": table({"zstd": entries}),
+        "masks coding not a list": table({codec.ELIAS_FANO: {first: [off.size, numel]}}),
+        "masks entry shape": entry({"coding": "elias-fano"}),
+        "masks entry name": entry([7, off.size, numel]),
+        "v2 count": first_stream(_one_more(streams[:size].numpy(), off.size, numel)),
+        "v2 count past numel": entry([first, numel + 1, numel]),
+        "v2 count not int": entry([first, float(off.size), numel]),
+        "v2 numel": entry([first, 0, numel - 1], masks=streams[size:].clone()),
+        "v2 listed twice": table({codec.ELIAS_FANO: [*entries, entries[0]]}),
+        "v2 listed under both codings": table(
+            {codec.BITMAP: [[first, off.size, numel]], codec.ELIAS_FANO: entries}
         ),
+        "v2 out of range": first_stream(_ef(off, numel, past_the_end)),
+        "v2 repeated": first_stream(_ef_unsorted(repeated, numel)),
+        "v2 unsorted": first_stream(_ef_unsorted(_swap_in_bucket(off, low), numel)),
+        "v2 format 1's tensor": _retensor(good, "2", **{f"mask.{first}": good.masks[first].bits}),
         "masks": _retensor(good, "2", **{"meta:masks": "{not json"}),
-        "masks.missing": _retensor(good, "2", **{"meta:masks": None}),
+        "masks not an object": table(["not", "an", "object"]),
+        "masks metadata missing": _retensor(good, "2", **{"meta:masks": None}),
+        "masks in format 1": _retensor(good, "1", masks=streams),
         "off.extra.weight": _retensor(
             good, "2", **{"off.extra.weight": torch.zeros(4, dtype=torch.uint8)}
         ),
     }
+
+
+def _one_more(stream, count, numel):
+    """An Elias–Fano stream with one more high bit set: it decodes to count + 1 positions."""
+    low_bytes = (count * codec.low_bits(count, numel) + 7) // 8
+    high = np.unpackbits(stream[low_bytes:])
+    high[np.flatnonzero(high == 0)[0]] = 1
+    return torch.from_numpy(np.concatenate([stream[:low_bytes], np.packbits(high)]))
 
 
 def _ef(off, numel, last):
@@ -244,7 +288,6 @@ def _swap_in_bucket(off, low):
 
 
 EXPECTED_FIELD = {
-    "masks.missing": "masks",
     "mask.missing": "mask.",
     "mask.extra.weight": "mask.extra.weight",
     "head.weight.nan": "head.weight",
@@ -255,12 +298,13 @@ EXPECTED_FIELD = {
 
 
 def test_every_corruption_is_rejected_naming_the_field(good, lite0):
-    first = next(iter(lite0.maskable()))
+    first = min(lite0.maskable())  # the parameter _format_2_corruptions spoils
     cases = _corruptions(good, lite0) | _format_2_corruptions(good, lite0)
     for case, data in cases.items():
         with pytest.raises(ArtifactError) as err:
             artifact.load(data, lite0)
-        expected = EXPECTED_FIELD.get(case, f"mask.{first}" if case.startswith("v2") else case)
+        default = f"mask.{first}" if case.startswith("v2") else case.split()[0]
+        expected = EXPECTED_FIELD.get(case, default)
         assert err.value.field.startswith(expected), (case, str(err.value))
         assert expected.rstrip(".") in str(err.value)
 

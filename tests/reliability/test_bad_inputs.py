@@ -247,19 +247,27 @@ def bad_artifacts(backbone) -> dict[str, tuple[bytes, str]]:
 
 def format_2_cases(good, changed) -> dict[str, tuple[bytes, str]]:
     """Format 2's coded masks, each wrong in one way; upload body -> the field to name."""
-    first = next(iter(good.masks))
+    first = min(good.masks)  # the writer sorts by name: its stream opens the tensor
     numel = good.masks[first].numel
     off = good.masks[first].switched_off(numel).numpy()
-    field, key = f"mask.{first}", f"off.{first}".replace(".", "__")
-    table = json.loads(good.metadata()["masks"])
-    assert table[first][0] == codec.ELIAS_FANO  # 10% switched off: coded as positions
-    stream = good.tensors()[f"off.{first}"]
+    field = f"mask.{first}"
+    tensors, meta = good.parts()
+    entries = json.loads(meta["masks"])[codec.ELIAS_FANO]
+    assert json.loads(meta["masks"]) == {codec.ELIAS_FANO: entries}  # 10% off: all positions
+    assert entries[0] == [first, off.size, numel]  # so first's stream opens the tensor
+    streams = tensors["masks"]
+    size = codec.coded_size(codec.ELIAS_FANO, off.size, numel)
+
+    def table(value) -> bytes:
+        return changed(meta_masks=json.dumps(value))
 
     def entry(value, **tensors) -> bytes:
-        return changed(meta_masks=json.dumps(table | {first: value}), **tensors)
+        return changed(meta_masks=json.dumps({codec.ELIAS_FANO: [value, *entries[1:]]}), **tensors)
 
     def positions(bad: np.ndarray) -> bytes:  # the coder codes what it is given, unchecked
-        return changed(**{key: torch.from_numpy(codec.encode(codec.ELIAS_FANO, bad, numel))})
+        stream = torch.from_numpy(codec.encode(codec.ELIAS_FANO, bad, numel))
+        assert stream.numel() == size
+        return changed(masks=torch.cat([stream, streams[size:]]))
 
     low = codec.low_bits(off.size, numel)
     past_end, repeated = off.copy(), off.copy()
@@ -268,20 +276,21 @@ def format_2_cases(good, changed) -> dict[str, tuple[bytes, str]]:
     return {
         "v2 position out of range": (positions(past_end), field),
         "v2 positions repeated": (positions(repeated), field),
-        "v2 count disagrees": (entry([codec.ELIAS_FANO, off.size - 1, numel]), field),
-        "v2 stream truncated": (changed(**{key: stream[:-1].clone()}), field),
-        "v2 stream missing": (changed(**{key: None}), field),
-        "v2 stream too long": (changed(**{key: torch.cat([stream, stream])}), field),
-        "v2 bomb: 10^15 weights declared": (entry([codec.ELIAS_FANO, 10**14, 10**15]), field),
-        "v2 more off than weights": (entry([codec.BITMAP, numel + 1, numel]), field),
-        "v2 unknown coding": (entry(["zstd", off.size, numel]), field),
+        "v2 count disagrees": (entry([first, off.size // 2, numel]), "masks"),
+        "v2 streams truncated": (changed(masks=streams[:-1].clone()), "masks"),
+        "v2 streams missing": (changed(masks=None), "masks"),
+        "v2 streams too long": (changed(masks=torch.cat([streams, streams])), "masks"),
+        "v2 bomb: 10^15 weights declared": (entry([first, 10**14, 10**15]), "masks"),
+        "v2 more off than weights": (entry([first, numel + 1, numel]), field),
+        "v2 unknown coding": (table({"zstd": entries}), "masks"),
+        "v2 listed twice": (table({codec.ELIAS_FANO: [*entries, entries[0]]}), field),
         "v2 numel not the backbone's": (
-            entry([codec.ELIAS_FANO, 0, numel + 8], **{key: None}),
+            entry([first, 0, numel + 8], masks=streams[size:].clone()),
             field,
         ),
         "v2 masks not JSON": (changed(meta_masks="{nope"), "masks"),
         "v2 masks missing": (changed(meta_masks=None), "masks"),
-        "v2 stream not listed": (changed(off__nope__weight=stream), "off.nope.weight"),
+        "v2 unexpected tensor": (changed(off__nope__weight=streams), "off.nope.weight"),
     }
 
 
