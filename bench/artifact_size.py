@@ -9,8 +9,9 @@ bytes, converted in memory first if a file is still format 1):
   entropy H(off / numel) * numel summed (a tighter bound than one rate for all), the head
   float32; worst over the tasks that switch any weight off (a task that switches none has
   zero entropy, so the file's fixed metadata alone decides its ratio: reported, not ranked);
-- decode / batch-1 forward: format-2 bytes -> validated artifact -> switched_off() of every
-  parameter as torch tensors, over a batch-1 forward of the backbone at the task's input
+- decode / batch-1 forward: format-2 bytes -> validated artifact -> the engine's task
+  state (Engine.prepare, as a replica registers an upload; the CPU engine's, which runs
+  mixed batches per task), over a batch-1 forward of the backbone at the task's input
   size on the CPU; medians of interleaved repeats, worst task. Both on one CPU thread: the
   decode is single-threaded numpy, so this compares CPU seconds; it also keeps the forward
   clear of the thread stalls that a shared machine causes (on 2 busy cores a 2-thread
@@ -30,6 +31,9 @@ import torch
 
 from masks import artifact, codec, demo
 from masks.backbones import Backbone
+from server.engine import Engine
+from server.settings import Settings
+from server.task_state import TaskState
 
 RESULTS = Path(__file__).parent / "results" / "artifact_size.md"
 REPEATS = 15
@@ -72,22 +76,22 @@ def binary_entropy_bytes(off: int, numel: int) -> float:
     return numel * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
-def decode(data: bytes, backbone: Backbone, numels: dict[str, int]) -> list[torch.Tensor]:
-    """What a replica does with an uploaded task before the engine patches: bytes -> positions."""
-    art = artifact.load(data, backbone)
-    return [art.switched_off(name, numel) for name, numel in numels.items()]
+def to_task_state(data: bytes, backbone: Backbone, engine: Engine) -> TaskState:
+    """What a replica does with an uploaded task: bytes -> validated artifact -> the state
+    the engine patches its working copy with."""
+    return engine.prepare(artifact.load(data, backbone))
 
 
-def measure(path: Path, backbone: Backbone) -> TaskSize:
+def measure(path: Path, backbone: Backbone, engine: Engine) -> TaskSize:
     art = artifact.load(path, backbone)
     data = artifact.to_bytes(art)  # format 2 whatever the file's format
     numels = {n: w.numel() for n, w in backbone.maskable().items()}
-    offs = dict(zip(numels, decode(data, backbone, numels), strict=True))
+    offs = {name: art.switched_off(name, numel) for name, numel in numels.items()}
     codings: dict[str, int] = {}
     for mask in art.masks.values():
         coding = mask.coded()[0]
         codings[coding] = codings.get(coding, 0) + 1
-    decode_s, forward_s = _timings(data, backbone, numels, art.input_size)
+    decode_s, forward_s = _timings(data, backbone, engine, art.input_size)
     return TaskSize(
         name=path.stem,
         format_1_bytes=len(artifact.to_bytes(art, "1")),
@@ -104,24 +108,24 @@ def measure(path: Path, backbone: Backbone) -> TaskSize:
 
 
 @torch.inference_mode()
-def _timings(data, backbone, numels, size) -> tuple[float, float]:
+def _timings(data, backbone, engine, size) -> tuple[float, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _interleaved(data, backbone, numels, size)
+        return _interleaved(data, backbone, engine, size)
     finally:
         torch.set_num_threads(threads)
 
 
-def _interleaved(data, backbone, numels, size) -> tuple[float, float]:
+def _interleaved(data, backbone, engine, size) -> tuple[float, float]:
     module = backbone.module.eval()
     x = torch.randn(1, 3, size, size)
     for _ in range(3):
-        decode(data, backbone, numels), module(x)
+        to_task_state(data, backbone, engine), module(x)
     decodes, forwards = [], []
     for _ in range(REPEATS):  # interleaved: a busy machine slows both alike
         start = time.perf_counter()
-        decode(data, backbone, numels)
+        to_task_state(data, backbone, engine)
         decodes.append(time.perf_counter() - start)
         start = time.perf_counter()
         module(x)
@@ -131,7 +135,12 @@ def _interleaved(data, backbone, numels, size) -> tuple[float, float]:
 
 def measure_all(folder: Path = demo.BUNDLED_DIR) -> list[TaskSize]:
     backbone = demo.load_demo_backbone()
-    return [measure(path, backbone) for path in sorted(folder.glob("*.safetensors"))]
+    engine = Engine(Settings(backbone=backbone.name, device="cpu"), backbone)
+    engine._load()
+    try:
+        return [measure(p, backbone, engine) for p in sorted(folder.glob("*.safetensors"))]
+    finally:
+        engine.close()
 
 
 def figures(rows: list[TaskSize] | None = None) -> dict[str, float]:
