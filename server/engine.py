@@ -124,7 +124,9 @@ class Engine:
             if len(blocks) > 1:
                 x = x[torch.tensor(order, device=self.device)]
             x = x.contiguous(memory_format=torch.channels_last)
-            if len(blocks) == 1 or not self.one_pass:
+            if len(blocks) == 1:
+                features = self._forward(blocks[0], x)
+            elif not self.one_pass:
                 features = torch.cat([self._forward(b, x[b.start : b.stop]) for b in blocks])
             else:
                 self._switch(blocks[0].key, blocks[0].state)
@@ -149,9 +151,7 @@ class Engine:
 
     def _pieces(self, rows: list[Row]) -> tuple[list[int], list[Block]]:
         """Rows reordered by task, the task the working copy runs now (if any) first."""
-        by_key: dict[TaskKey, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_key.setdefault(row.key, []).append(i)
+        by_key = _by_task(rows)
         order, blocks = [], []
         for key in sorted(by_key, key=lambda k: k != self.working.patched):
             members = by_key[key]
@@ -168,9 +168,7 @@ class Engine:
         (a tail row of task t corrects |t| + |lead| of them), which makes the pristine
         backbone (no rows, |lead| = 0) the lead unless one task holds over half the rows.
         """
-        by_key: dict[TaskKey, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_key.setdefault(row.key, []).append(i)
+        by_key = _by_task(rows)
         states = {key: self._device_state(key, rows[m[0]].state) for key, m in by_key.items()}
         n, patched = len(rows), self.working.patched
 
@@ -237,6 +235,14 @@ class Engine:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _by_task(rows: list[Row]) -> dict[TaskKey, list[int]]:
+    """Row indices per task, tasks in order of first appearance."""
+    by_key: dict[TaskKey, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_key.setdefault(row.key, []).append(i)
+    return by_key
 
 
 def _classify(features: torch.Tensor, state: TaskState) -> torch.Tensor:
