@@ -8,8 +8,10 @@ is a sparse patch of it (server/task_state.py). A batch runs as:
   left pristine), one forward with a sparse correction per layer for the other rows
   (server/mixed.py); heads apply per task;
 - several tasks, per-task: the batch split by task, the copy patched before each piece.
-  On the CPU this measured as fast as one pass or faster (small batches cost little less
-  than big ones there), so it is the default there (setting `mixed_batches`).
+  The default on the CPU (setting `mixed_batches`): there a small batch costs nearly what
+  a big one does and the corrections move data at a few ns a value, so per task was
+  1.1-2.1x faster on resnet18 and within 10% on EfficientNet-Lite0 but for 8 tasks x 1
+  row (one pass 1.1-1.4x faster) (bench/results/MULTITASK.md).
 Everything that touches the working copy runs on ONE worker thread.
 """
 

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0)
     # How a batch that mixes tasks runs: "one-pass" (one forward, a sparse correction per
     # layer: server/mixed.py), "per-task" (the batch split by task, the working copy patched
-    # between the pieces) or "auto": per-task on the CPU, where it measured as fast or
-    # faster (bench/results/MULTITASK.md), one-pass elsewhere.
+    # between the pieces) or "auto": per-task on the CPU, where it measured faster or
+    # about as fast (bench/results/MULTITASK.md), one-pass elsewhere.
     mixed_batches: Literal["auto", "one-pass", "per-task"] = "auto"
 
     max_body_bytes: int = Field(16 * MiB, ge=1)
