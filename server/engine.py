@@ -216,7 +216,9 @@ class Engine:
 
     def _switch(self, key: TaskKey | None, state: TaskState) -> None:
         if key != self.working.patched:
-            self.working.switch(key, state.zeroed, state.bn_positions, state.bn_values)
+            self.working.switch(
+                key, state.zeroed, state.bn_positions, state.bn_values, state.off_bits
+            )
             self.stats.switches += 1
 
     def forget(self, name: str) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from masks.backbones import Backbone
+from masks.codec import unpack_bits
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -85,6 +86,7 @@ class WorkingCopy:
         self.bn_offsets, self.bn_flat = self._rebind_batchnorm(module)
         self.bn_base = self.bn_flat.clone()
         self.patched = None
+        self._dense = False  # the patched task came as a bitmap: restore densely
         self._zeroed = torch.empty(0, dtype=torch.int32, device=self.flat.device)
         self._bn_written = torch.empty(0, dtype=torch.int32, device=self.flat.device)
 
@@ -157,17 +159,25 @@ class WorkingCopy:
         """Bytes of the working copy and its pristine twin (masked weights and BN)."""
         return 2 * (self.flat.nbytes + self.bn_flat.nbytes)
 
-    def switch(self, key, zeroed: torch.Tensor, bn_positions: torch.Tensor, bn_values) -> None:
+    def switch(
+        self, key, zeroed: torch.Tensor, bn_positions: torch.Tensor, bn_values, off_bits=None
+    ) -> None:
         """Make the copy run task `key`: switched-off flat positions `zeroed` (int32, on the
-        device) and its own BN values at `bn_positions` (empty for a task without BN)."""
+        device) or, for a task that switches off many, `off_bits` (the flat mask packed,
+        1 = off), and its own BN values at `bn_positions` (empty for a task without BN)."""
         if key == self.patched:
             return
         # index_copy_/index_fill_ on int64 positions: ~3x faster than index_put_ here.
-        if self._zeroed.numel():
+        if self._dense:
+            self.flat.copy_(self.base)
+        elif self._zeroed.numel():
             restore = self._zeroed.long()
             self.flat.index_copy_(0, restore, self.base.index_select(0, restore))
-        if zeroed.numel():
+        if off_bits is not None:
+            self.flat.masked_fill_(unpack_bits(off_bits, self.flat.shape), 0)
+        elif zeroed.numel():
             self.flat.index_fill_(0, zeroed.long(), 0)
+        self._dense = off_bits is not None
         if self._bn_written.numel():
             written = self._bn_written.long()
             self.bn_flat.index_copy_(0, written, self.bn_base.index_select(0, written))

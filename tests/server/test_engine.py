@@ -19,7 +19,8 @@ from server.settings import Settings
 from server.task_state import TaskState
 
 SIZE = 32
-KEEP = {"dense": 1.0, "one": 0.99, "ten": 0.9, "fifth": 0.8}
+# "third": past task_state.DENSE_FRACTION, a per-task engine keeps it as a bitmap.
+KEEP = {"dense": 1.0, "one": 0.99, "ten": 0.9, "fifth": 0.8, "third": 0.67}
 
 
 def start_engine(name: str, mixed_batches: str = "one-pass") -> Engine:
@@ -139,7 +140,7 @@ def test_auto_runs_per_task_on_the_cpu():
 def test_switching_back_restores_the_pristine_weights_exactly(resnet):
     _, engine, _, states = resnet
     x = torch.randn(2, 3, SIZE, SIZE)
-    for name in ("fifth", "one", "bn", "ten"):
+    for name in ("fifth", "third", "one", "third", "bn", "ten"):
         run(engine, states, [name, name], x)
     assert engine.working.patched == ("ten", "1")
     assert not torch.equal(engine.working.flat, engine.working.base)
@@ -161,6 +162,10 @@ def test_a_task_state_is_a_sparse_patch(resnet):
     head = state.head_weight.nbytes + state.head_bias.nbytes
     assert state.nbytes == per_weight * off + head + 8 * len(reference.maskable())
     assert states["dense"].zeroed.numel() == 0
+    third = states["third"]  # a third off: positions for one pass, a bitmap per task
+    assert (third.off_bits is None) == engine.one_pass
+    if third.off_bits is not None:
+        assert third.zeroed.numel() == 0 and third.off_bits.numel() == (total + 7) // 8
 
 
 @pytest.mark.slow
