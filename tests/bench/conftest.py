@@ -3,3 +3,23 @@ from pathlib import Path
 
 # bench/ is not an installed package: import it from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def multitask_http() -> dict:
+    """bench.multitask's HTTP results as a run returns them: one task 100 img/CPU-s, 200
+    tasks 85, 4 in turn 96; 50 bytes more RSS and 120 bytes of task state per task."""
+    runs = lambda rate: [{"images_per_s": rate, "images_per_cpu_s": rate}] * 3  # noqa: E731
+    return {
+        "one": runs(100.0),
+        "many": runs(85.0),
+        "mixed4": runs(96.0),
+        "rss_one_task": 1000,
+        "rss_many": 1000 + 199 * 50,
+        "n_tasks": 200,
+        "artifact_bytes": 100,
+        "task_state_bytes": 200 * 120,
+    }

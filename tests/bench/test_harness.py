@@ -152,9 +152,9 @@ def fake_results() -> dict:
     }
 
 
-def test_results_start_with_the_summary_table_and_its_figures():
+def test_results_start_with_the_summary_table_and_its_figures(multitask_http):
     results = fake_results()
-    results["multitask"] = {"beds": {"resnet18 64px b8": {"http": fake_multitask_http()}}}
+    results["multitask"] = {"beds": {"resnet18 64px b8": {"http": multitask_http}}}
     results["artifact"] = {"figures": {artifact_size.ROW_BITS: 0.2}, "tasks": []}
     text = report.render(results, ["serving_ratio.png"])
     lines = text.splitlines()
@@ -175,20 +175,6 @@ def test_results_start_with_the_summary_table_and_its_figures():
     assert by_name[artifact_size.ROW_ENTROPY] == ["≤ 1.3", "not measured"]
     assert "## 6. Many tasks at the speed of one" in text
     assert "![serving_ratio.png](serving_ratio.png)" in text
-
-
-def fake_multitask_http() -> dict:
-    runs = lambda cpu: [{"images_per_s": cpu, "images_per_cpu_s": cpu}] * 3  # noqa: E731
-    return {
-        "one": runs(100.0),
-        "many": runs(85.0),
-        "mixed4": runs(96.0),
-        "rss_one_task": 1000,
-        "rss_many": 1000 + 199 * 50,
-        "n_tasks": 200,
-        "artifact_bytes": 100,
-        "task_state_bytes": 200 * 120,
-    }
 
 
 def test_a_figure_not_measured_says_so():

@@ -43,18 +43,8 @@ def test_gpu_bench_refuses_without_cuda(monkeypatch):
     assert gpu.main(["--device", "cuda"]) == 2
 
 
-def test_figures_from_http_results():
-    runs = lambda cpu: [{"images_per_s": cpu, "images_per_cpu_s": cpu}] * 3  # noqa: E731
-    h = {
-        "one": runs(100.0),
-        "many": runs(85.0),
-        "mixed4": runs(96.0),
-        "rss_one_task": 1000,
-        "rss_many": 1000 + 199 * 50,
-        "n_tasks": 200,
-        "artifact_bytes": 100,
-        "task_state_bytes": 200 * 120,
-    }
+def test_figures_from_http_results(multitask_http):
+    h = multitask_http
     f = multitask.figures({"http": h})
     assert f["many ÷ one task, 200 tasks, HTTP"] == 0.85
     assert f["mixed ÷ one task, 4 tasks, HTTP"] == 0.96
