@@ -10,8 +10,8 @@ is a sparse patch of it (server/task_state.py). A batch runs as:
 - several tasks, per-task: the batch split by task, the copy patched before each piece.
   The default on the CPU (setting `mixed_batches`): there a small batch costs nearly what
   a big one does and the corrections move data at a few ns a value, so per task was
-  1.1-2.1x faster on resnet18 and within 10% on EfficientNet-Lite0 but for 8 tasks x 1
-  row (one pass 1.1-1.4x faster) (bench/results/MULTITASK.md).
+  1.06-2.1x faster on resnet18 and, on EfficientNet-Lite0, faster at 2-4 tasks and as
+  fast to 1.4x slower at 8 tasks x 1 row (bench/results/MULTITASK.md, two runs).
 Everything that touches the working copy runs on ONE worker thread.
 """
 
