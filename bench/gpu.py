@@ -11,7 +11,6 @@ Bounded: well under 10 minutes on one GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -58,12 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 b.close()
             results["beds"][f"{cfg.label} {device.type}"] = {"in_process": ip}
-    text = multitask.markdown(results, "python -m bench.gpu " + " ".join(argv or sys.argv[1:]))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=float))
-        (args.out / "GPU.md").write_text(text)
+    command = "python -m bench.gpu " + " ".join(argv or sys.argv[1:])
+    multitask.publish(results, command, args.out, "gpu.json", "GPU.md")
     return 0
 
 

@@ -592,7 +592,6 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import shlex
     import sys
 
@@ -612,13 +611,20 @@ def main(argv: list[str] | None = None) -> int:
         configs = [CONFIGS[n] for n in args.backbones.split(",")]
     results = run(configs, args.tasks, args.repeats, args.window_s, not args.no_http)
     command = "python -m bench.multitask " + shlex.join(argv if argv is not None else sys.argv[1:])
+    publish(results, command, args.out, "multitask.json", "MULTITASK.md")
+    return 0
+
+
+def publish(results: dict, command: str, out: Path | None, json_name: str, md_name: str) -> None:
+    """Print the report; with `out`, write it and the raw results there too."""
+    import json
+
     text = markdown(results, command)
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "multitask.json").write_text(json.dumps(results, indent=1, default=float))
-        (args.out / "MULTITASK.md").write_text(text)
-    return 0
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / json_name).write_text(json.dumps(results, indent=1, default=float))
+        (out / md_name).write_text(text)
 
 
 if __name__ == "__main__":
