@@ -9,4 +9,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.run import main  # noqa: E402
 
-sys.exit(main())
+if __name__ == "__main__":  # engine worker processes import the main module
+    sys.exit(main())

@@ -32,8 +32,8 @@ import torch
 from masks import artifact, codec, demo
 from masks.backbones import Backbone
 from server.engine import Engine
+from server.engine.task_state import TaskState
 from server.settings import Settings
-from server.task_state import TaskState
 
 RESULTS = Path(__file__).parent / "results" / "artifact_size.md"
 REPEATS = 15

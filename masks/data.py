@@ -35,6 +35,11 @@ FASHION_LABELS = [
 
 def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]):
     """RGB, shorter side resized to `size`, centre crop, scaled to [0,1], normalised."""
+    return normalise(to_pixels(image, size), mean, std)
+
+
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB, shorter side resized to `size`, centre crop: uint8 [3, size, size] (a view)."""
     image = image.convert("RGB")
     w, h = image.size
     scale = size / min(w, h)
@@ -43,7 +48,13 @@ def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequenc
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] scaled to [0,1] and normalised (float32). The server's
+    workers do the same per batch (server/engine/worker.py), op for op."""
+    x = pixels.float() / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 

@@ -2,4 +2,6 @@ import sys
 
 from server.cli import main
 
-sys.exit(main())
+# Guarded: engine worker processes start from a fork server, which imports the main module.
+if __name__ == "__main__":
+    sys.exit(main())

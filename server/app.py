@@ -13,7 +13,7 @@ from masks.backbones import Backbone
 from server import auth, errors
 from server.batcher import Batcher
 from server.catalog import Catalog
-from server.engine import Engine
+from server.engine import EnginePool
 from server.metrics import Metrics, RequestCounter
 from server.registry import REMOTE_SCHEMES, open_registry
 from server.replica import ReplicaHeader
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                 task.cancel()
             await asyncio.gather(*svc.background, return_exceptions=True)
             await svc.batcher.close()
-            svc.engine.close()
+            await svc.engine.close()
             await svc.registry.close()
 
     app = FastAPI(
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
 def _services(settings: Settings, backbone: Backbone | None) -> Services:
     metrics = Metrics()
-    engine = Engine(settings, backbone)
+    engine = EnginePool(settings, backbone)
     batcher = Batcher(
         engine, metrics, settings.max_batch_size, settings.max_delay_ms / 1000, settings.queue_size
     )
@@ -104,8 +104,9 @@ async def _start(svc: Services) -> None:
     await catalog.refresh()
     svc.catalog = catalog
     log.info(
-        "ready: backbone %s on %s, %d tasks from %s",
+        "ready: backbone %s, %d engine workers on %s, %d tasks from %s",
         loaded.name,
+        svc.engine.alive,
         svc.engine.device,
         len(catalog.tasks),
         svc.registry.url,

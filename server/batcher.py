@@ -1,9 +1,11 @@
 """Per-task queues and the scheduler that turns them into batches for the engine.
 
 One bounded queue per task. A batch mixes tasks: once max_batch_size images wait or the
-oldest has waited max_delay, the scheduler fills a batch from every queue, oldest image
-first (a hot task cannot starve a cold one), taking only images of the oldest image's
-input size (one batch, one tensor shape). The engine runs the mixed batch in one step.
+oldest has waited max_delay, and an engine worker is idle, the scheduler fills a batch
+from every queue, oldest image first (a hot task cannot starve a cold one), taking only
+images of the oldest image's shape (one batch, one tensor), and hands it to that worker
+(the pool prefers the one whose working copy runs the batch's lead task). One batch runs
+per worker, so several run at once.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from server.catalog import Task
-from server.engine import Engine, Row
-from server.errors import BatchFailed, Overloaded, Timeout
+from server.engine import EnginePool, Row, WorkerDied
+from server.errors import BatchFailed, Overloaded, Timeout, WorkerLost
 from server.metrics import Metrics
 
 log = logging.getLogger("piggy.serve")
@@ -39,7 +41,7 @@ class _Item:
 class Batcher:
     def __init__(
         self,
-        engine: Engine,
+        engine: EnginePool,
         metrics: Metrics,
         max_batch_size: int,
         max_delay_s: float,
@@ -52,15 +54,18 @@ class Batcher:
         self.queue_size = queue_size
         self._queues: dict[str, deque[_Item]] = {}
         self._wake = asyncio.Event()
+        engine.on_idle = self._wake.set
         self._runner: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()  # batches on the workers
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="piggy-batcher")
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        tasks = [t for t in (self._runner, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for queue in self._queues.values():
             for item in queue:
                 item.future.cancel()
@@ -98,14 +103,18 @@ class Batcher:
         while True:
             self._wake.clear()
             ready, deadline = self._pick()
-            if not ready:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+            if ready and self.engine.has_idle:
+                batch = self._take()
+                if batch:
+                    worker = self.engine.claim(batch[0].task.key)
+                    task = asyncio.create_task(self._run_batch(worker, batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
                 continue
-            batch = self._take()
-            if batch:
-                await self._run_batch(batch)
+            # Not ready, or every worker busy: a new image or a worker going idle wakes us.
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _pick(self) -> tuple[bool, float | None]:
         """Whether a batch is ready now, else when the oldest image makes one ready."""
@@ -126,16 +135,16 @@ class Batcher:
         return False, oldest + self.max_delay_s
 
     def _take(self) -> list[_Item]:
-        """Up to max_batch_size images from all queues, oldest first, of one input size."""
+        """Up to max_batch_size images from all queues, oldest first, of one shape."""
         heads = [(q[0].enqueued, i, q) for i, q in enumerate(self._queues.values()) if q]
         heapq.heapify(heads)
-        size = heads[0][2][0].task.state.input_size if heads else None
+        kind = _kind(heads[0][2][0]) if heads else None
         batch: list[_Item] = []
         while heads and len(batch) < self.max_batch_size:
             _, i, queue = heapq.heappop(heads)
             item = queue[0]
-            if item.task.state.input_size != size:
-                continue  # this queue waits for a batch of its own size
+            if _kind(item) != kind:
+                continue  # this queue waits for a batch of its own shape
             queue.popleft()
             if not item.future.done():
                 batch.append(item)
@@ -143,14 +152,14 @@ class Batcher:
                 heapq.heappush(heads, (queue[0].enqueued, i, queue))
         return batch
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, worker, batch: list[_Item]) -> None:
         started = time.monotonic()
         for item in batch:
             self.metrics.queue_wait.labels(item.task.name).observe(started - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tasks.observe(len({item.task.key for item in batch}))
         try:
-            failed = await self._answer(batch)
+            failed = await self._answer(batch, worker)
             if failed is not None and len({item.task.key for item in batch}) > 1:
                 # A mixed batch failed: run each task alone, so that only the requests of
                 # the task that fails (a bad task, a device fault on it) get the error.
@@ -164,18 +173,27 @@ class Batcher:
         finally:
             self.metrics.compute.observe(time.monotonic() - started)
 
-    async def _answer(self, batch: list[_Item]) -> Exception | None:
-        """Run one batch and answer its requests; the exception if the engine failed."""
+    async def _answer(self, batch: list[_Item], worker=None) -> Exception | None:
+        """Run one batch (on `worker` if claimed, else the next idle one) and answer its
+        requests; the exception if the engine failed."""
         rows = [Row(item.task.key, item.task.state) for item in batch]
         x = torch.stack([item.x for item in batch])
-        if self.engine.device.type == "cuda":
-            x = x.pin_memory()  # lets the copy to the device run asynchronously
         try:
-            probs = await self.engine.predict(rows, x)
+            if worker is None:
+                probs = await self.engine.predict(rows, x)
+            else:
+                probs = await self.engine.run(worker, rows, x)
         except asyncio.CancelledError:  # shutting down: nobody may wait forever
             for item in batch:
                 item.future.cancel()
             raise
+        except WorkerDied as exc:  # not the tasks' fault: no retry, the client may retry
+            log.error("batch of %d lost with its worker: %s", len(batch), exc)
+            lost = WorkerLost(f"the engine worker running this batch was lost ({exc}); retry")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(lost)
+            return None
         except Exception as exc:
             if len({item.task.key for item in batch}) > 1:
                 return exc  # the caller retries task by task
@@ -193,3 +211,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(p)
         return None
+
+
+def _kind(item: _Item) -> tuple:
+    """What images must share to stack into one batch: shape and dtype."""
+    return item.x.shape, item.x.dtype

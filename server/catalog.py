@@ -16,9 +16,9 @@ from masks import artifact as artifacts
 from masks.artifact import TaskArtifact
 from masks.backbones import Backbone
 from masks.errors import ArtifactError
+from server.engine.task_state import TaskState
 from server.errors import RegistryUnavailable, TaskNotFound
 from server.registry import Entry, Registry, RegistryError
-from server.task_state import TaskState
 
 log = logging.getLogger("piggy.serve")
 

@@ -74,6 +74,16 @@ class Overloaded(ServeError):
         super().__init__(message, {"Retry-After": str(retry_after_s)})
 
 
+class WorkerLost(ServeError):
+    """The engine worker running this request's batch died (killed, out of memory); it is
+    being replaced, and only that batch's requests get this."""
+
+    status, code = 503, "worker_lost"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
 class NotReady(ServeError):
     status, code = 503, "not_ready"
 
@@ -104,7 +114,7 @@ _DESCRIPTIONS = {
     415: "Not an image",
     422: "Invalid artifact",
     500: "The batch holding this request failed (the server goes on)",
-    503: "Overloaded (see Retry-After) or not ready",
+    503: "Overloaded, an engine worker lost (see Retry-After), or not ready",
     504: "Timed out",
 }
 

@@ -49,7 +49,7 @@ class Metrics:
             registry=r,
         )
 
-    def watch(self, state: Callable[[], dict[str, float]]) -> None:
+    def watch(self, state: Callable[[], dict]) -> None:
         """Export values read at scrape time (engine counters, queue depth, task count)."""
         self.registry.register(_StateCollector(state))
 
@@ -68,10 +68,22 @@ class _StateCollector(Collector):
         "working_copy_bytes": "Bytes of the masked weights' working copy and its pristine twin",
         "tasks_registered": "Tasks the server knows",
         "queue_depth": "Images waiting in task queues",
+        "engine_workers": "Engine workers in the pool",
+        "engine_workers_alive": "Engine workers running (ready for batches)",
         "ready": "1 when the backbone is loaded and the registry reachable",
     }
+    # Per engine worker (label `worker`: its index in the pool).
+    WORKER_COUNTERS = {
+        "batches": "Batches the worker ran",
+        "switches": "Working-copy patches on the worker",
+        "restarts": "Times the worker was replaced after dying",
+    }
+    WORKER_GAUGES = {
+        "alive": "1 while the worker runs (ready for batches)",
+        "busy": "1 while the worker runs a batch",
+    }
 
-    def __init__(self, state: Callable[[], dict[str, float]]):
+    def __init__(self, state: Callable[[], dict]):
         self.state = state
 
     def collect(self):
@@ -80,6 +92,18 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(f"piggy_{key}", doc, value=values.get(key, 0))
         for key, doc in self.GAUGES.items():
             yield GaugeMetricFamily(f"piggy_{key}", doc, value=values.get(key, 0))
+        workers = values.get("workers", [])
+        for key, doc in self.WORKER_COUNTERS.items():
+            family = CounterMetricFamily(f"piggy_worker_{key}", doc, labels=["worker"])
+            for w in workers:
+                family.add_metric([str(w.index)], getattr(w, key))
+            yield family
+        for key, doc in self.WORKER_GAUGES.items():
+            family = GaugeMetricFamily(f"piggy_worker_{key}", doc, labels=["worker"])
+            for w in workers:
+                value = w.state == "ready" if key == "alive" else w.busy
+                family.add_metric([str(w.index)], float(value))
+            yield family
 
     def describe(self):
         return []

@@ -1,4 +1,5 @@
-"""Bytes to tensors off the event loop, with the task's own input size, mean and std."""
+"""Bytes to pixels off the event loop, at the task's own input size. The pixels stay uint8:
+the engine worker normalises them with the task's mean and std, per batch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from masks.artifact import TaskArtifact
-from masks.data import to_tensor, upright
+from masks.data import to_pixels, upright
 from server.errors import NotAnImage, PayloadTooLarge
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -41,11 +42,8 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def prepare(blobs: list[bytes], artifact: TaskArtifact, max_pixels: int) -> list[torch.Tensor]:
-    """Decode and run masks' own preprocessing, exactly as in training."""
-    return [
-        to_tensor(decode(blob, max_pixels), artifact.input_size, artifact.mean, artifact.std)
-        for blob in blobs
-    ]
+    """Decode and run masks' own preprocessing, exactly as in training, up to the pixels."""
+    return [to_pixels(decode(blob, max_pixels), artifact.input_size) for blob in blobs]
 
 
 async def prepare_async(

@@ -54,6 +54,20 @@ class TaskList(BaseModel):
     tasks: list[TaskInfo]
 
 
+class WorkerStatus(BaseModel):
+    """One engine worker: its place, process, state and counters."""
+
+    index: int
+    device: str
+    pid: int | None
+    state: str  # starting, ready, failed, stopped
+    busy: bool
+    batches: int
+    switches: int
+    mixed: int
+    restarts: int
+
+
 class Health(BaseModel):
     """GET /readyz when ready."""
 
@@ -61,6 +75,7 @@ class Health(BaseModel):
     backbone: str
     registry: str
     tasks: int
+    workers: list[WorkerStatus] = []
 
 
 class Liveness(BaseModel):

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     # between the pieces) or "auto": per-task on the CPU, where it measured faster or
     # about as fast (bench/results/MULTITASK.md), one-pass elsewhere.
     mixed_batches: Literal["auto", "one-pass", "per-task"] = "auto"
+    # Engine workers (server/engine/placement.py): on the CPU, processes with `engine_threads`
+    # torch threads each, by default one per core; on CUDA, one per device.
+    engine_workers: int | None = Field(None, ge=1)
+    engine_threads: int = Field(1, ge=1)
+    # torch.compile each worker's module (inductor): costs tens of seconds per input shape at
+    # start; measured in bench/results (the compile section).
+    compile: bool = False
 
     max_body_bytes: int = Field(16 * MiB, ge=1)
     max_artifact_bytes: int = Field(256 * MiB, ge=1)
@@ -59,6 +66,11 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("engine_workers", mode="before")
+    @classmethod
+    def _empty_workers_are_auto(cls, value):
+        return None if value in ("", "auto") else value
 
     @field_validator("backbone_weights")
     @classmethod

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from server.batcher import Batcher
 from server.catalog import Catalog
-from server.engine import Engine
+from server.engine import EnginePool
 from server.errors import NotReady
 from server.metrics import Metrics
 from server.registry import Registry
@@ -20,7 +20,7 @@ from server.settings import Settings
 class Services:
     settings: Settings
     metrics: Metrics
-    engine: Engine
+    engine: EnginePool
     registry: Registry
     batcher: Batcher
     catalog: Catalog | None = None  # set once the backbone is loaded
@@ -37,19 +37,23 @@ class Services:
             raise NotReady(f"not ready: {why}", {"Retry-After": "1"})
         return self.catalog
 
-    def snapshot(self) -> dict[str, float]:
-        """Values exported to /metrics at scrape time."""
+    def snapshot(self) -> dict:
+        """Values exported to /metrics at scrape time (`workers`: one WorkerInfo each)."""
         engine = self.engine
         tasks = list(self.catalog.tasks.values()) if self.catalog else []
+        workers = engine.workers()
         return {
-            "task_switches": engine.stats.switches,
-            "mixed_batches": engine.stats.mixed_batches,
+            "task_switches": sum(w.switches for w in workers),
+            "mixed_batches": sum(w.mixed for w in workers),
             "task_state_bytes": sum(t.state.nbytes for t in tasks),
             "device_task_state_bytes": engine.device_state_bytes,
-            "working_copy_bytes": engine.working.nbytes if engine.working else 0,
+            "working_copy_bytes": engine.working_copy_bytes,
             "tasks_registered": len(tasks),
             "queue_depth": self.batcher.depth(),
+            "engine_workers": len(workers),
+            "engine_workers_alive": engine.alive,
             "ready": float(self.ready and not self.catalog.registry_error),
+            "workers": workers,
         }
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import admin_open
 from server.errors import responses
-from server.schemas import Health, Liveness
+from server.schemas import Health, Liveness, WorkerStatus
 from server.state import ServicesDep
 
 router = APIRouter(tags=["health"])
@@ -32,11 +34,16 @@ async def readyz(svc: ServicesDep):
         return _not_ready(f"not ready: {why}")
     if catalog.registry_error:
         return _not_ready(f"registry {svc.registry.url} unreachable: {catalog.registry_error}")
+    engine = svc.engine
+    workers = [WorkerStatus(**dataclasses.asdict(w)) for w in engine.workers()]
+    if not engine.alive:
+        return _not_ready("not ready: no engine worker is running (being replaced)")
     return Health(
         status="ready",
-        backbone=svc.engine.backbone.name,
+        backbone=engine.backbone.name,
         registry=svc.registry.url,
         tasks=len(catalog.tasks),
+        workers=workers,
     )
 
 

@@ -4,12 +4,14 @@ answers what it accepted correctly, refuses the rest cleanly, and leaks nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import threading
 
 import psutil
 import pytest
+import torch
 from server_support import blocked_engine, png, serving, settings_for, until
 
 pytestmark = pytest.mark.anyio
@@ -25,7 +27,7 @@ async def post(client, task: str, image: bytes):
 async def test_a_burst_at_5x_capacity(tmp_path, registry_dir, backbone, reference):
     queue, batch = 8, 4
     settings = settings_for(tmp_path, registry_dir, queue_size=queue, max_batch_size=batch)
-    capacity = 2 * queue + batch  # two task queues and the batch the engine holds
+    capacity = 2 * queue  # two task queues; every worker is blocked, so no batch is out
     n = 5 * capacity
     images = {i: png(1000 + i) for i in range(n)}
     task_of = {i: ("alpha", "beta")[i % 2] for i in range(n)}
@@ -49,7 +51,7 @@ async def test_a_burst_at_5x_capacity(tmp_path, registry_dir, backbone, referenc
         answers = await asyncio.gather(*requests)
         ok = [i for i, r in enumerate(answers) if r.status_code == 200]
         rejected = [r for r in answers if r.status_code != 200]
-        assert len(ok) >= 2 * queue + 1 and len(ok) + len(rejected) == n
+        assert len(ok) >= 2 * queue and len(ok) + len(rejected) == n
         assert len(rejected) >= n - capacity and len(refused) == len(rejected)
         for r in rejected:
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
@@ -70,16 +72,12 @@ async def test_a_burst_at_5x_capacity(tmp_path, registry_dir, backbone, referenc
 async def test_a_failing_batch_fails_only_its_own_requests(settings, backbone, reference):
     """A mixed batch that fails is retried task by task: only beta's requests get a 500."""
     async with serving(settings, backbone) as client:
-        engine = client.app.state.services.engine
-        original, broken = engine._predict, threading.Event()
-
-        def predict(rows, batch):
-            if broken.is_set() and any(row.key[0] == "beta" for row in rows):
-                raise RuntimeError("simulated device fault")
-            return original(rows, batch)
-
-        engine._predict = predict
-        broken.set()
+        catalog = client.app.state.services.catalog
+        original = catalog.tasks["beta"]
+        # A state the worker cannot run (its head does not fit the features): the worker
+        # process raises on every batch with beta in it, as on a device fault.
+        state = dataclasses.replace(original.state, head_weight=torch.zeros(2, 3))
+        catalog.tasks["beta"] = dataclasses.replace(original, version="broken", state=state)
         images = [png(2000 + i) for i in range(8)]
         answers = await asyncio.gather(
             *(post(client, ("alpha", "beta")[i % 2], img) for i, img in enumerate(images))
@@ -88,11 +86,11 @@ async def test_a_failing_batch_fails_only_its_own_requests(settings, backbone, r
             if i % 2:
                 assert r.status_code == 500, r.text
                 err = r.json()["error"]
-                assert err["code"] == "batch_failed" and "simulated device fault" in err["message"]
+                assert err["code"] == "batch_failed" and "RuntimeError" in err["message"]
             else:
                 assert r.status_code == 200, r.text
                 reference.check("alpha", images[i], r.json()["results"][0])
-        broken.clear()  # the server goes on: beta works again
+        catalog.tasks["beta"] = original  # the server goes on: beta works again
         r = await post(client, "beta", images[1])
         assert r.status_code == 200
         reference.check("beta", images[1], r.json()["results"][0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
-import threading
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -155,11 +154,22 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def blocked_engine(client) -> threading.Event:
-    """Occupy the engine's only thread until the returned event is set."""
-    release = threading.Event()
-    client.app.state.services.engine.executor.submit(release.wait, 30)
-    return release
+class Blocked:
+    """Every engine worker claimed, as if each ran a batch, until `set()` (on the loop)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.claimed = [pool.claim(None) for _ in range(pool.alive)]
+        assert all(self.claimed), "a worker was busy already"
+
+    def set(self) -> None:
+        for handle in self.claimed:
+            self.pool.release(handle)
+
+
+def blocked_engine(client) -> Blocked:
+    """Occupy every engine worker until the returned object's `set()`."""
+    return Blocked(client.app.state.services.engine)
 
 
 async def until(predicate, timeout_s: float = 10) -> None:

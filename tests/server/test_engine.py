@@ -1,8 +1,10 @@
-"""The engine alone: a mixed batch answers what each task answers alone (masks.inference).
+"""One engine worker alone: a mixed batch answers what each task answers alone, by the
+reference forward on the unfolded backbone (masks.inference).
 
 Tasks here switch off 0%, 1%, 10% and 20% of the weights; one has its own BatchNorm.
 Both ways of running a mixed batch are checked: one pass with sparse corrections, and
-per task with the working copy patched between the pieces.
+per task with the working copy patched between the pieces. The worker runs the backbone
+with BatchNorm folded into its convs, so every check here is also one of the folding.
 """
 
 import random
@@ -14,20 +16,20 @@ from torch.func import functional_call
 
 from masks import inference
 from masks.backbones import BACKBONES, load_backbone
-from server.engine import Engine, Row
+from server.engine.config import WorkerConfig
+from server.engine.placement import place
+from server.engine.task_state import TaskState
+from server.engine.worker import Row, Worker
 from server.settings import Settings
-from server.task_state import TaskState
 
 SIZE = 32
 # "third": past task_state.DENSE_FRACTION, a per-task engine keeps it as a bitmap.
 KEEP = {"dense": 1.0, "one": 0.99, "ten": 0.9, "fifth": 0.8, "third": 0.67}
 
 
-def start_engine(name: str, mixed_batches: str = "one-pass") -> Engine:
-    settings = Settings(backbone=name, device="cpu", mixed_batches=mixed_batches)
-    engine = Engine(settings, load_backbone(name, "random"))
-    engine._load()
-    return engine
+def start_engine(name: str, mixed_batches: str = "one-pass") -> Worker:
+    config = WorkerConfig(0, "cpu", "float32", 1, one_pass=mixed_batches == "one-pass")
+    return Worker.local(config, load_backbone(name, "random"))
 
 
 def with_bn(artifact, backbone, seed: int):
@@ -70,7 +72,7 @@ def resnet(request):
 
 
 def run(engine, states, names, x):
-    return engine._predict([Row((n, "1"), states[n]) for n in names], x)
+    return engine.step([Row((n, "1"), states[n]) for n in names], x)
 
 
 def check(reference, arts, names, x, got):
@@ -86,7 +88,7 @@ def test_random_mixes_answer_as_each_task_alone(resnet):
     for _ in range(6):
         names = [rng.choice(list(arts)) for _ in range(8)]
         check(reference, arts, names, x, run(engine, states, names, x))
-    assert engine.stats.mixed_batches >= 6
+    assert engine.stats.mixed >= 6
 
 
 @pytest.mark.parametrize(
@@ -130,11 +132,15 @@ def test_per_task_pieces_start_with_the_task_already_patched(resnet):
 
 
 def test_auto_runs_per_task_on_the_cpu():
-    settings = Settings(backbone="resnet18", device="cpu")
-    engines = [Engine(settings), Engine(settings.model_copy(update={"mixed_batches": "one-pass"}))]
-    assert [e.one_pass for e in engines] == [False, True]
-    for engine in engines:
-        engine.close()
+    settings = Settings(backbone="resnet18", device="cpu", engine_workers=3)
+    auto, one_pass = (
+        place(settings),
+        place(settings.model_copy(update={"mixed_batches": "one-pass"})),
+    )
+    assert [c.one_pass for c in auto] == [False] * 3 and [c.one_pass for c in one_pass] == [
+        True
+    ] * 3
+    assert [c.index for c in auto] == [0, 1, 2] and {c.threads for c in auto} == {1}
 
 
 def test_switching_back_restores_the_pristine_weights_exactly(resnet):
@@ -146,7 +152,7 @@ def test_switching_back_restores_the_pristine_weights_exactly(resnet):
     assert not torch.equal(engine.working.flat, engine.working.base)
     engine.working.reset()
     assert torch.equal(engine.working.flat, engine.working.base)
-    assert torch.equal(engine.working.bn_flat, engine.working.bn_base)
+    assert all(affine.task is None for affine in engine.working.affines)
 
 
 def test_a_task_state_is_a_sparse_patch(resnet):
@@ -169,16 +175,21 @@ def test_a_task_state_is_a_sparse_patch(resnet):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["one-pass", "per-task"])
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_mixes_exactly(name):
-    """Features of a mixed batch equal each task's alone, on every registered backbone."""
+def test_every_backbone_mixes_exactly(name, mode):
+    """Features of a mixed batch equal each task's alone by the unfolded reference, on every
+    registered backbone, BatchNorm folded, with and without a task's own BatchNorm."""
     reference = load_backbone(name, "random")
-    engine = start_engine(name)
+    engine = start_engine(name, mode)
+    assert all(site.folded for site in engine.layout.norms)  # every BN follows a conv here
     size = 64 if name == "mobilenet_v3_large" else SIZE
     x = torch.randn(6, 3, size, size)
     arts = {}
     for i, keep in enumerate((0.99, 0.9, 0.8)):
         art = make_artifact(reference, f"t{i}", seed=i, input_size=size, keep=keep)
+        if i == 2:
+            art = with_bn(art, reference, seed=i)
         # Random-init features can be tiny (mobilenet: ~1e-10): scale each head to them so
         # that the probabilities compared below carry the features' differences.
         scale = features(reference, art, x).std().clamp_min(1e-30)
@@ -196,11 +207,11 @@ def test_storage_positions_address_each_weight_in_the_working_copy(name):
     """Row-major views (linears, 1x1 and depthwise convs) take a shortcut; all must agree
     with the weight as the module sees it."""
     engine = start_engine(name)
-    for slot in engine.working.slots:
-        weight = slot.module.weight.reshape(-1)  # row-major order, whatever the layout
+    slots = engine.layout.slots
+    for slot, layer in zip(slots, engine.working.layers, strict=True):
+        weight = layer.weight.reshape(-1)  # row-major order, whatever the layout
         logical = torch.arange(0, slot.numel, max(1, slot.numel // 997))
         got = engine.working.flat[slot.storage_positions(logical)]
         assert torch.equal(got, weight[logical]), slot.name
-    assert any(s.row_major for s in engine.working.slots)
-    assert not all(s.row_major for s in engine.working.slots)
-    engine.close()
+    assert any(s.row_major for s in slots)
+    assert not all(s.row_major for s in slots)

@@ -43,18 +43,41 @@ async def test_dir_registry_atomic_put_list_delete(tmp_path):
 
 
 class FakeEngine:
-    """Records each batch as its rows' task names; answers each image with its own pixels."""
+    """An engine pool of `workers` that record each batch as its rows' task names and
+    answer each image with its own pixels."""
 
-    device = torch.device("cpu")
-
-    def __init__(self, seconds: float = 0.01):
+    def __init__(self, seconds: float = 0.01, workers: int = 1):
         self.seconds = seconds
+        self.free = workers
         self.batches: list[list[str]] = []
+        self.in_flight = self.most_in_flight = 0
+        self.on_idle = lambda: None
+
+    @property
+    def has_idle(self) -> bool:
+        return self.free > 0
+
+    def claim(self, lead):
+        assert self.free > 0, "the batcher claimed a worker while none was idle"
+        self.free -= 1
+        return lead
+
+    async def run(self, worker, rows, batch):
+        self.batches.append([row.key[0] for row in rows])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.seconds)
+            return list(batch.reshape(len(batch), -1)[:, :2])
+        finally:
+            self.in_flight -= 1
+            self.free += 1
+            self.on_idle()
 
     async def predict(self, rows, batch):
-        self.batches.append([row.key[0] for row in rows])
-        await asyncio.sleep(self.seconds)
-        return list(batch.reshape(len(batch), -1)[:, :2])
+        while not self.has_idle:
+            await asyncio.sleep(0.001)
+        return await self.run(self.claim(rows[0].key), rows, batch)
 
 
 def task(name: str, version: str = "1", input_size: int = 32) -> Task:
@@ -136,16 +159,35 @@ async def test_one_batch_mixes_tasks_oldest_image_first():
 
 
 @pytest.mark.anyio
-async def test_tasks_of_another_input_size_wait_for_their_own_batch():
+async def test_images_of_another_shape_or_dtype_wait_for_their_own_batch():
     engine = FakeEngine()
     batcher = Batcher(engine, Metrics(), max_batch_size=8, max_delay_s=0.01, queue_size=100)
     batcher.start()
+    small, large = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)
     try:
-        small = batcher.submit(task("small", input_size=32), [torch.zeros(2)] * 2)
-        large = batcher.submit(task("large", input_size=64), [torch.zeros(2)] * 3)
-        more = batcher.submit(task("more", input_size=32), [torch.zeros(2)])
-        await asyncio.wait_for(asyncio.gather(small, large, more), 5)
-        assert sorted(engine.batches) == [["large"] * 3, ["small", "small", "more"]]
+        jobs = [
+            batcher.submit(task("small", input_size=4), [small] * 2),
+            batcher.submit(task("large", input_size=8), [large] * 3),
+            batcher.submit(task("more", input_size=4), [small]),
+            batcher.submit(task("floats", input_size=4), [small.float()]),  # OIP's pixels
+        ]
+        await asyncio.wait_for(asyncio.gather(*jobs), 5)
+        want = [["floats"], ["large"] * 3, ["small", "small", "more"]]
+        assert sorted(engine.batches) == want
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_one_batch_runs_per_idle_worker_at_once():
+    engine = FakeEngine(seconds=0.05, workers=2)
+    batcher = Batcher(engine, Metrics(), max_batch_size=2, max_delay_s=0, queue_size=100)
+    batcher.start()
+    try:
+        jobs = [batcher.submit(task(name), [torch.zeros(2)] * 2) for name in "abcdef"]
+        await asyncio.wait_for(asyncio.gather(*jobs), 5)
+        assert engine.most_in_flight == 2  # both workers busy, never a third batch
+        assert sorted(map(tuple, engine.batches)) == [(n, n) for n in "abcdef"]
     finally:
         await batcher.close()
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.working_copy import Slot
+from server.engine.layout import Slot
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Geometries:
         # A shapes-only copy, taken now: later the engine's module may carry a mixed
         # batch's hooks, which must not run in a trace from another thread.
         self._meta = copy.deepcopy(module).to("meta")
-        self._names = [s.name.rpartition(".")[0] for s in slots]
+        self._names = [s.module for s in slots]
         self._cache: dict[int, list[LayerGeometry]] = {}
         self._lock = threading.Lock()
 

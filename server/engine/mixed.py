@@ -20,7 +20,7 @@ ways, whichever moves less data for this batch (`_choose`):
 The lead may be the pristine backbone itself (no task, no rows): then every row is
 corrected for its own task only.
 
-Per-task BatchNorm: BN layers recompute the rows whose BN differs from the lead's.
+Per-task BatchNorm: the norm sites any task of the batch changes get a per-row affine.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.geometry import LayerGeometry, padded
-from server.task_state import TaskState
-from server.working_copy import Slot, WorkingCopy
+from server.engine.geometry import LayerGeometry, padded
+from server.engine.layout import Slot
+from server.engine.task_state import TaskState
+from server.engine.working_copy import Affine, WorkingCopy
 
 # A layer is corrected when GATHER_COST * (gathered input values) is below the weights
 # that running it per task block would copy (see `_choose`).
@@ -74,20 +75,20 @@ class MixedForward:
         self.plans = _plan(working, layers, self.lead, self.tail, self.correct)
         self._handles: list = []
         self._replaced: list[nn.Module] = []
-        self._bn_vectors: dict[int, torch.Tensor] = {}
         self._starts: dict[int, list[int]] = {}
+        self._norms_before: dict[int, Affine] | None = None
 
     def __enter__(self) -> MixedForward:
-        for index, slot in enumerate(self.working.slots):
+        slots = self.working.layout.slots
+        for index, (slot, layer) in enumerate(zip(slots, self.working.layers, strict=True)):
             if self.plans[index] is not None:
                 hook = self._correct(self.layers[index], self.plans[index])
-                self._handles.append(slot.module.register_forward_hook(hook))
+                self._handles.append(layer.register_forward_hook(hook))
             elif not self.correct[index]:
-                slot.module.forward = self._segments(index, slot)
-                self._replaced.append(slot.module)
-        if any(b.state.has_bn or self.lead.state.has_bn for b in self.tail):
-            for prefix, layer in self.working.bn_layers():
-                self._handles.append(layer.register_forward_hook(self._batchnorm(prefix)))
+                layer.forward = self._segments(index, slot, layer)
+                self._replaced.append(layer)
+        if any(b.state.has_bn for b in (self.lead, *self.tail)):
+            self._norms_before = self.working.set_norms(self._row_norms())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,9 +98,11 @@ class MixedForward:
         for module in self._replaced:
             del module.forward  # back to the class's forward
         self._replaced.clear()
+        if self._norms_before is not None:
+            self.working.set_norms(self._norms_before)
 
-    def _segments(self, index: int, slot: Slot):
-        layer, lead_rows = slot.module, self.lead.stop
+    def _segments(self, index: int, slot: Slot, layer: nn.Module):
+        lead_rows = self.lead.stop
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             outs = [run_layer(layer, x[:lead_rows], layer.weight)] if lead_rows else []
@@ -121,15 +124,25 @@ class MixedForward:
             flat.index_fill_(0, zeroed.long() - slot.offset, 0)
         return flat.as_strided(slot.shape, slot.strides)
 
-    def _bn_vector(self, state: TaskState | None) -> torch.Tensor:
-        """The BN buffer as `state` sees it (None: the backbone's), built once a batch."""
-        if id(state) not in self._bn_vectors:
-            if state is None:
-                self._bn_vectors[id(state)] = self.working.bn_base
-            else:
-                vector = self.working.bn_vector(state.bn_positions, state.bn_values)
-                self._bn_vectors[id(state)] = vector
-        return self._bn_vectors[id(state)]
+    def _row_norms(self) -> dict[int, Affine]:
+        """Per norm site any task here changes: (scale, shift) per row, [rows, C]."""
+        blocks = (self.lead, *self.tail)
+        rows = max(b.stop for b in blocks)
+        own = [b.state.norm_affines(self.working.layout) for b in blocks]
+        norms = {}
+        for site in sorted(set().union(*own)):
+            affine = self.working.affines[site]
+            channels = self.working.layout.norms[site].channels
+            like = self.working.flat
+            scale = torch.ones(rows, channels, dtype=like.dtype, device=like.device)
+            shift = torch.zeros_like(scale)
+            if affine.scale is not None:  # not folded: the backbone's own affine
+                scale[:], shift[:] = affine.scale, affine.shift
+            for block, affines in zip(blocks, own, strict=True):
+                if site in affines:
+                    scale[block.start : block.stop], shift[block.start : block.stop] = affines[site]
+            norms[site] = (scale, shift)
+        return norms
 
     def _correct(self, geometry: LayerGeometry, plan: LayerPlan):
         lead_rows = self.lead.stop
@@ -144,21 +157,6 @@ class MixedForward:
             windows = _windows(x, geometry)
             picked = windows[plan.gather] * plan.value[:, None, None]
             tail.index_put_((plan.rows, plan.out_channel), picked, accumulate=True)
-
-        return hook
-
-    def _batchnorm(self, prefix: str):
-        lead_bn = self.lead.state if self.lead.state.has_bn else None
-
-        def hook(layer: nn.Module, inputs, out: torch.Tensor) -> None:
-            x = inputs[0]
-            for block in self.tail:
-                own = block.state if block.state.has_bn else None
-                if own is lead_bn:
-                    continue
-                w, b, mean, var = self.working.bn_slices(prefix, self._bn_vector(own))
-                rows = slice(block.start, block.stop)
-                out[rows] = F.batch_norm(x[rows], mean, var, w, b, False, 0.0, layer.eps)
 
         return hook
 
@@ -188,7 +186,7 @@ def _choose(
         for i, (own, other) in enumerate(zip(own_counts, lead_counts, strict=True)):
             gathered[i] += rows * (own + other)
     choice = []
-    for slot, geometry, entries in zip(working.slots, layers, gathered, strict=True):
+    for slot, geometry, entries in zip(working.layout.slots, layers, gathered, strict=True):
         pixels = geometry.out_hw[0] * geometry.out_hw[1]
         choice.append(GATHER_COST * entries * pixels <= len(tail) * slot.numel)
     return choice

@@ -13,7 +13,9 @@ Built once when the task is registered (off the engine thread), from the artifac
   the switch costs more on the CPU (a dense restore and fill: 24 ms against 7.5 ms of
   scattered writes at 20% off on EfficientNet-Lite0, one thread), so below that fraction
   positions win on both counts;
-- the head, and its own BN values at their positions in the BN buffer (if any).
+- the head, and for a task with its own BatchNorm the per-channel affine it applies on
+  each norm site it changes (server/engine/fold.py), with the sites' indices;
+- its input's mean and std: pixels reach the worker as uint8 and are normalised there.
 Nothing dense per task: memory grows with the weights a task switches off, up to a bit
 per weight.
 """
@@ -26,8 +28,10 @@ import torch
 
 from masks.artifact import TaskArtifact
 from masks.codec import pack_bits
-from server.geometry import Geometries
-from server.working_copy import WorkingCopy
+from masks.errors import ArtifactError
+from server.engine.geometry import Geometries
+from server.engine.layout import Layout
+from server.engine.working_copy import Affine
 
 INT32_MAX = 2**31 - 1
 # Past this fraction of the masked weights switched off, a task is kept as a bitmap.
@@ -42,14 +46,30 @@ class TaskState:
     out_channel: torch.Tensor  # int16 [n] (int32 past 32k channels)
     head_weight: torch.Tensor  # float32 [labels, features]
     head_bias: torch.Tensor  # float32 [labels]
-    bn_positions: torch.Tensor  # int32 [m], empty without per-task BN
-    bn_values: torch.Tensor  # [m]
+    norm_sites: torch.Tensor  # int64 [k]: the norm sites of its own BN, empty without
+    norm_values: torch.Tensor  # [2, channels of those sites]: scale, shift, site by site
     input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     off_bits: torch.Tensor | None = None  # uint8, the flat mask packed (1 = off); see above
 
     @property
     def has_bn(self) -> bool:
-        return self.bn_positions.numel() > 0
+        return self.norm_sites.numel() > 0
+
+    def norm_affines(self, layout: Layout) -> dict[int, Affine]:
+        """Norm site -> the (scale, shift) this task applies there (views of norm_values)."""
+        sites = self.norm_sites.tolist()
+        sizes = [layout.norms[site].channels for site in sites]
+        pieces = self.norm_values.split(sizes, dim=1) if sites else ()
+        return {site: (piece[0], piece[1]) for site, piece in zip(sites, pieces, strict=True)}
+
+    def share_memory_(self) -> TaskState:
+        """In shared memory: worker processes map these tensors instead of copying them."""
+        for tensor in self._tensors().values():
+            if tensor.numel():
+                tensor.share_memory_()
+        return self
 
     @property
     def has_corrections(self) -> bool:
@@ -61,9 +81,9 @@ class TaskState:
         return sum(t.nbytes for t in self._tensors().values())
 
     def to(self, device: torch.device, dtype: torch.dtype) -> TaskState:
-        """On the engine's device; BN values in the engine's dtype, the head stays float32."""
+        """On the worker's device; norm values in its dtype, the head stays float32."""
         moved = {k: t.to(device, non_blocking=True) for k, t in self._tensors().items()}
-        moved["bn_values"] = moved["bn_values"].to(dtype)
+        moved["norm_values"] = moved["norm_values"].to(dtype)
         return replace(self, **moved)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -74,12 +94,12 @@ class TaskState:
         }
 
 
-def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries | None) -> TaskState:
+def build(artifact: TaskArtifact, layout: Layout, geometries: Geometries | None) -> TaskState:
     """The task state of a validated artifact (CPU tensors); with `geometries`, the
     one-pass correction tables too."""
-    layers = geometries.at(artifact.input_size) if geometries else [None] * len(working.slots)
+    layers = geometries.at(artifact.input_size) if geometries else [None] * len(layout.slots)
     zeroed, gather, channel, counts = [], [], [], []
-    for slot, geometry in zip(working.slots, layers, strict=True):
+    for slot, geometry in zip(layout.slots, layers, strict=True):
         logical = artifact.switched_off(slot.name, slot.numel)
         zeroed.append(slot.storage_positions(logical))
         counts.append(logical.numel())
@@ -89,11 +109,11 @@ def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries |
             channel.append(out)
     empty = torch.empty(0, dtype=torch.int64)
     positions, off_bits = torch.cat(zeroed), None
-    if geometries is None and positions.numel() > DENSE_FRACTION * working.flat.numel():
-        off_bits, positions = _bitmap(positions, working.flat.numel()), empty
+    if geometries is None and positions.numel() > DENSE_FRACTION * layout.numel:
+        off_bits, positions = _bitmap(positions, layout.numel), empty
     out_channel = torch.cat(channel) if channel else empty
     narrow = torch.int16 if out_channel.numel() == 0 or out_channel.max() < 2**15 else torch.int32
-    bn_positions, bn_values = _bn_patch(artifact, working)
+    norm_sites, norm_values = _norm_patch(artifact, layout)
     return TaskState(
         zeroed=_int32(positions),
         counts=torch.tensor(counts, dtype=torch.int64),
@@ -101,9 +121,11 @@ def build(artifact: TaskArtifact, working: WorkingCopy, geometries: Geometries |
         out_channel=out_channel.to(narrow),
         head_weight=artifact.head_weight.float().contiguous(),
         head_bias=artifact.head_bias.float().contiguous(),
-        bn_positions=bn_positions,
-        bn_values=bn_values,
+        norm_sites=norm_sites,
+        norm_values=norm_values,
         input_size=artifact.input_size,
+        mean=tuple(float(v) for v in artifact.mean),
+        std=tuple(float(v) for v in artifact.std),
         off_bits=off_bits,
     )
 
@@ -114,15 +136,21 @@ def _bitmap(positions: torch.Tensor, numel: int) -> torch.Tensor:
     return pack_bits(off)
 
 
-def _bn_patch(artifact: TaskArtifact, working: WorkingCopy) -> tuple[torch.Tensor, torch.Tensor]:
-    positions, values = [], []
-    for name, tensor in sorted(artifact.bn.items()):
-        start = working.bn_offsets[name]
-        positions.append(torch.arange(start, start + tensor.numel()))
-        values.append(tensor.reshape(-1).float())
-    if not positions:
-        return torch.empty(0, dtype=torch.int32), torch.empty(0)
-    return _int32(torch.cat(positions)), torch.cat(values)
+def _norm_patch(artifact: TaskArtifact, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sites where the task has its own BN, and the (scale, shift) it applies there."""
+    own: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in artifact.bn.items():
+        layer, _, suffix = key.rpartition(".")
+        own.setdefault(layer, {})[suffix] = tensor
+    unknown = sorted(set(own) - set(layout.norm_index))
+    if unknown:
+        raise ArtifactError(f"bn.{unknown[0]}", "per-task BatchNorm is not supported here")
+    sites = sorted(layout.norm_index[name] for name in own)
+    if not sites:
+        return torch.empty(0, dtype=torch.int64), torch.empty(2, 0)
+    pairs = [layout.norms[i].task_affine(own[layout.norms[i].name]) for i in sites]
+    values = torch.stack([torch.cat([s for s, _ in pairs]), torch.cat([b for _, b in pairs])])
+    return torch.tensor(sites, dtype=torch.int64), values
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
