@@ -1,0 +1,119 @@
+"""The engine pool behind the server: worker processes start, every worker learns a task
+before it serves it, and a worker that dies fails only its own batch and is replaced."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+from server_support import (
+    Reference,
+    make_artifact,
+    metric,
+    png,
+    serving,
+    settings_for,
+    until,
+)
+
+from masks import artifact as artifacts
+from masks.backbones import load_backbone
+
+pytestmark = pytest.mark.anyio
+
+
+async def post(client, task: str, image: bytes):
+    headers = {"content-type": "image/png"}
+    return await client.post(f"/predict?task={task}", content=image, headers=headers)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_start_as_processes_and_show_in_readyz_and_metrics(settings, backbone):
+    settings = settings.model_copy(update={"engine_workers": 2})
+    async with serving(settings, backbone) as client:
+        workers = (await client.get("/readyz")).json()["workers"]
+        assert [w["index"] for w in workers] == [0, 1]
+        assert {w["state"] for w in workers} == {"ready"} and {w["device"] for w in workers} == {
+            "cpu"
+        }
+        pids = {w["pid"] for w in workers}
+        assert len(pids) == 2 and os.getpid() not in pids and all(map(alive, pids))
+        await post(client, "alpha", png(1))
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_engine_workers") == 2
+        assert metric(text, "piggy_engine_workers_alive") == 2
+        assert metric(text, "piggy_worker_alive", worker="1") == 1
+        batches = [metric(text, "piggy_worker_batches_total", worker=str(i)) for i in (0, 1)]
+        assert sum(batches) == 1
+    assert not any(map(alive, pids))  # the workers stop with the server
+
+
+async def test_a_task_reaches_every_worker_before_it_is_served(settings, backbone, reference):
+    """Uploaded, replaced and deleted under concurrent load: every answer is the version
+    it was sent to, from whichever worker ran it."""
+    settings = settings.model_copy(update={"engine_workers": 2, "max_batch_size": 2})
+    first = make_artifact(backbone, "new", n_labels=3, seed=41)
+    second = make_artifact(backbone, "new", n_labels=6, seed=42)
+    async with serving(settings, backbone) as client:
+        pool = client.app.state.services.engine
+        own = load_backbone(backbone.name, "random")  # the server's may be in use
+        for art in (first, second):
+            ref = Reference(own, {"new": art})
+            r = await client.put("/tasks/new", content=artifacts.to_bytes(art))
+            assert r.status_code == 201, r.text
+            images = [png(700 + i) for i in range(12)]
+            answers = await asyncio.gather(*(post(client, "new", img) for img in images))
+            for image, answer in zip(images, answers, strict=True):
+                assert answer.status_code == 200, answer.text
+                labels = [t["label"] for t in answer.json()["results"][0]["top"]]
+                assert len(labels) == min(5, len(art.labels))  # never the other version's
+                ref.check("new", image, answer.json()["results"][0])
+            assert all(w.batches > 0 for w in pool.workers())  # both ran it
+        assert (await client.delete("/tasks/new")).status_code == 204
+        assert not any(key[0] == "new" for h in pool._handles.values() for key in h.known)
+        assert (await post(client, "new", png(1))).status_code == 404
+
+
+async def test_a_killed_worker_fails_only_its_batch_and_is_replaced(
+    tmp_path, registry_dir, backbone, reference
+):
+    settings = settings_for(tmp_path, registry_dir, engine_workers=2, max_batch_size=4)
+    async with serving(settings, backbone) as client:
+        pool = client.app.state.services.engine
+        # Only worker 0 free, and stopped: the first request's batch waits on it.
+        doomed = pool.workers()[0].pid
+        held = pool.claim(None)  # worker 0 when both are idle: claim the other one
+        if held.config.index == 0:
+            other = pool.claim(None)
+            pool.release(held)
+            held = other
+        os.kill(doomed, signal.SIGSTOP)
+        lost = asyncio.create_task(post(client, "alpha", png(1)))
+        await until(lambda: pool.workers()[0].busy)
+        pool.release(held)  # worker 1 serves the rest meanwhile
+        images = [png(10 + i) for i in range(6)]
+        answers = await asyncio.gather(*(post(client, "beta", img) for img in images))
+        for image, answer in zip(images, answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            reference.check("beta", image, answer.json()["results"][0])
+        assert not lost.done()
+        os.kill(doomed, signal.SIGKILL)
+        r = await lost
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_lost", r.text
+        assert int(r.headers["retry-after"]) >= 1
+        await until(lambda: pool.alive == 2 and pool.workers()[0].restarts == 1)
+        replaced = (await client.get("/readyz")).json()["workers"][0]
+        assert replaced["state"] == "ready" and replaced["pid"] != doomed
+        for i in range(4):  # both serve again, the new one included
+            r = await post(client, ("alpha", "gamma")[i % 2], png(i))
+            assert r.status_code == 200
+            reference.check(("alpha", "gamma")[i % 2], png(i), r.json()["results"][0])
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_worker_restarts_total", worker="0") == 1
