@@ -64,7 +64,7 @@ class PiggyReplica:
     """One replica: create_app() over the settings, built in the replica's own process."""
 
     def __init__(self, settings: dict | None = None, shared_registry: bool = False):
-        self.settings = Settings(**(settings or {}))
+        self.settings = replica_settings(Settings(**(settings or {})))
         config = serve.get_replica_context()._deployment_config
         check_registry(self.settings.registry_url, max_replicas(config), shared_registry)
         self.metrics_bridge: RayMetricsBridge | None = None
@@ -84,6 +84,18 @@ class PiggyReplica:
         if self.metrics_bridge is None:
             self.metrics_bridge = RayMetricsBridge(svc.metrics.registry)
         self.metrics_bridge.export()
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """A replica's engine workers default to the CPUs Ray gave it (one per CPU, one torch
+    thread each), not to every core of its node: replicas never oversubscribe a node.
+    On a GPU, one worker per device the replica sees, as anywhere."""
+    if settings.engine_workers is not None:
+        return settings
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return settings.model_copy(update={"engine_workers": max(1, int(cpus))})
 
 
 class AppArgs(BaseModel):

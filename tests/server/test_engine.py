@@ -215,3 +215,24 @@ def test_storage_positions_address_each_weight_in_the_working_copy(name):
         assert torch.equal(got, weight[logical]), slot.name
     assert any(s.row_major for s in slots)
     assert not all(s.row_major for s in slots)
+
+
+@pytest.mark.slow
+def test_a_compiled_worker_follows_the_patched_weights():
+    """torch.compile keeps the working copy as the module's parameters: a switch in place
+    changes what the compiled forward computes, exactly as eagerly."""
+    reference = load_backbone("resnet18", "random")
+    arts = [make_artifact(reference, f"t{i}", seed=i, input_size=SIZE, keep=0.9) for i in (0, 1)]
+    workers = [
+        Worker.local(WorkerConfig(0, "cpu", "float32", 1, one_pass=False, compile=c), reference)
+        for c in (False, True)
+    ]
+    x = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    answers = []
+    for worker in workers:
+        states = {a.task: worker.prepare(a) for a in arts}
+        names = ["t0", "t1", "t0"]  # two switches
+        answers.append([worker.step([Row((n, "1"), states[n])] * 3, x)[0] for n in names])
+    for eager, compiled in zip(*answers, strict=True):
+        assert torch.allclose(eager, compiled, atol=1e-5, rtol=0)
+    assert not torch.allclose(answers[1][0], answers[1][1], atol=1e-3)  # the switch showed
