@@ -15,6 +15,9 @@ from masks.data import to_pixels, upright
 from server.errors import NotAnImage, PayloadTooLarge
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Images up to this many pixels (all of a request's together) decode on the event loop:
+# 128 x 128 decodes and resizes in well under a millisecond.
+INLINE_PIXELS = 128 * 128
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -49,4 +52,19 @@ def prepare(blobs: list[bytes], artifact: TaskArtifact, max_pixels: int) -> list
 async def prepare_async(
     blobs: list[bytes], artifact: TaskArtifact, max_pixels: int
 ) -> list[torch.Tensor]:
+    """`prepare` off the event loop; small images (their headers say at most INLINE_PIXELS
+    in all) decode on it, where a thread hop would cost more than decoding them."""
+    if sum(map(_claimed_pixels, blobs)) <= INLINE_PIXELS:
+        return prepare(blobs, artifact, max_pixels)
     return await asyncio.to_thread(prepare, blobs, artifact, max_pixels)
+
+
+def _claimed_pixels(blob: bytes) -> int:
+    """Width x height from the image's header alone (past INLINE_PIXELS if unreadable:
+    `decode`, in the thread, says what is wrong with it)."""
+    try:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:
+        return INLINE_PIXELS + 1
+    return width * height

@@ -57,8 +57,8 @@ class Services:
         }
 
 
-def services(request: Request) -> Services:
-    """FastAPI dependency: this app's services."""
+async def services(request: Request) -> Services:
+    """FastAPI dependency: this app's services (async: run inline, not in a thread pool)."""
     return request.app.state.services
 
 
