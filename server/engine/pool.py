@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,13 +161,16 @@ class EnginePool:
         theirs.close()
         handle = _Handle(config, worker, ours, restarts)
         self._handles[config.index] = handle
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable, handle)
+        # A thread per worker reads its answers: the pipe stays a blocking socket (an event
+        # loop's reader, uvloop's, makes it non-blocking, and a large send then fails).
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=self._read, args=(handle, loop), name=f"piggy-pool-{config.index}", daemon=True
+        ).start()
 
     async def close(self) -> None:
         self._closing = True
-        loop = asyncio.get_running_loop()
         for handle in self._handles.values():
-            loop.remove_reader(handle.conn.fileno())
             with contextlib.suppress(OSError):
                 handle.conn.send(("stop",))
         for handle in self._handles.values():
@@ -267,12 +271,16 @@ class EnginePool:
 
     # -- messages from the workers -------------------------------------------------------
 
-    def _readable(self, handle: _Handle) -> None:
+    def _read(self, handle: _Handle, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader thread of one worker: each answer goes to the loop, then the EOF."""
         try:
-            while handle.conn.poll():
-                self._dispatch(handle, handle.conn.recv())
+            while True:
+                message = handle.conn.recv()
+                loop.call_soon_threadsafe(self._dispatch, handle, message)
         except (EOFError, OSError):
-            self._lost(handle)
+            pass
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the pool closed with it
+            loop.call_soon_threadsafe(self._lost, handle)
 
     def _dispatch(self, handle: _Handle, message: tuple) -> None:
         kind = message[0]
@@ -299,7 +307,6 @@ class EnginePool:
         if self._handles.get(handle.config.index) is not handle or handle.state == "stopped":
             return
         loop = asyncio.get_running_loop()
-        loop.remove_reader(handle.conn.fileno())
         handle.conn.close()
         handle.process.join(0.1)
         code = handle.process.exitcode

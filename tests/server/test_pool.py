@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 from server_support import (
     Reference,
     make_artifact,
@@ -117,3 +118,32 @@ async def test_a_killed_worker_fails_only_its_batch_and_is_replaced(
             reference.check(("alpha", "gamma")[i % 2], png(i), r.json()["results"][0])
         text = (await client.get("/metrics")).text
         assert metric(text, "piggy_worker_restarts_total", worker="0") == 1
+
+
+def test_large_batches_cross_the_pipe_under_uvloop(backbone):
+    """uvicorn runs uvloop: megabyte batches reach the workers and come back (a pipe that
+    the event loop had made non-blocking once failed them as a lost worker)."""
+    import uvloop
+
+    from server.engine import EnginePool, Row
+    from server.settings import Settings
+
+    art = make_artifact(backbone, "big", n_labels=3, seed=5, input_size=224)
+    x = torch.randint(0, 256, (16, 3, 224, 224), dtype=torch.uint8)  # 2.4 MB
+
+    async def run():
+        pool = EnginePool(
+            Settings(backbone=backbone.name, device="cpu", engine_workers=2), backbone
+        )
+        await pool.start()
+        try:
+            rows = [Row(("big", "1"), pool.prepare(art))] * len(x)
+            answers = await asyncio.gather(*(pool.predict(rows, x) for _ in range(4)))
+            return answers, pool.workers()
+        finally:
+            await pool.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        answers, workers = runner.run(run())
+    assert all(torch.equal(a[0], answers[0][0]) for a in answers)
+    assert all(w.restarts == 0 for w in workers)
