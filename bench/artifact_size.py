@@ -10,7 +10,7 @@ bytes, converted in memory first if a file is still format 1):
   float32; worst over the tasks that switch any weight off (a task that switches none has
   zero entropy, so the file's fixed metadata alone decides its ratio: reported, not ranked);
 - decode / batch-1 forward: format-2 bytes -> validated artifact -> the engine's task
-  state (Engine.prepare, as a replica registers an upload; the CPU engine's, which runs
+  state (Worker.prepare, as a replica registers an upload; the CPU engine's, which runs
   mixed batches per task), over a batch-1 forward of the backbone at the task's input
   size on the CPU; medians of interleaved repeats, worst task. Both on one CPU thread: the
   decode is single-threaded numpy, so this compares CPU seconds; it also keeps the forward
@@ -31,9 +31,9 @@ import torch
 
 from masks import artifact, codec, demo
 from masks.backbones import Backbone
-from server.engine import Engine
+from server.engine import Worker
+from server.engine.config import WorkerConfig
 from server.engine.task_state import TaskState
-from server.settings import Settings
 
 RESULTS = Path(__file__).parent / "results" / "artifact_size.md"
 REPEATS = 15
@@ -76,13 +76,13 @@ def binary_entropy_bytes(off: int, numel: int) -> float:
     return numel * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
-def to_task_state(data: bytes, backbone: Backbone, engine: Engine) -> TaskState:
+def to_task_state(data: bytes, backbone: Backbone, engine: Worker) -> TaskState:
     """What a replica does with an uploaded task: bytes -> validated artifact -> the state
     the engine patches its working copy with."""
     return engine.prepare(artifact.load(data, backbone))
 
 
-def measure(path: Path, backbone: Backbone, engine: Engine) -> TaskSize:
+def measure(path: Path, backbone: Backbone, engine: Worker) -> TaskSize:
     art = artifact.load(path, backbone)
     data = artifact.to_bytes(art)  # format 2 whatever the file's format
     numels = {n: w.numel() for n, w in backbone.maskable().items()}
@@ -135,12 +135,9 @@ def _interleaved(data, backbone, engine, size) -> tuple[float, float]:
 
 def measure_all(folder: Path = demo.BUNDLED_DIR) -> list[TaskSize]:
     backbone = demo.load_demo_backbone()
-    engine = Engine(Settings(backbone=backbone.name, device="cpu"), backbone)
-    engine._load()
-    try:
-        return [measure(p, backbone, engine) for p in sorted(folder.glob("*.safetensors"))]
-    finally:
-        engine.close()
+    config = WorkerConfig(index=0, device="cpu", dtype="float32", threads=1, one_pass=False)
+    engine = Worker.local(config, backbone)
+    return [measure(p, backbone, engine) for p in sorted(folder.glob("*.safetensors"))]
 
 
 def figures(rows: list[TaskSize] | None = None) -> dict[str, float]:

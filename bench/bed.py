@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 import urllib.request
@@ -15,7 +16,9 @@ from bench.fixtures import Config
 from masks import artifact as artifacts
 from masks.backbones import Backbone
 from server.catalog import Task
-from server.engine import Engine
+from server.engine import Worker
+from server.engine.placement import place
+from server.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,11 @@ class Bed:
     def artifact(self, i: int):
         return artifacts.read(self.registry / f"{self.names[i]}.safetensors")
 
-    def task(self, i: int, engine: Engine) -> Task:
-        """Task i as the server registers it: parsed, validated, prepared by `engine`."""
+    def task(self, i: int, worker: Worker) -> Task:
+        """Task i as the server registers it: parsed, validated, prepared by `worker`."""
         path = self.registry / f"{self.names[i]}.safetensors"
         art = artifacts.load(path, self.backbone)
-        return Task(self.names[i], "bench", path.stat().st_size, art, engine.prepare(art))
+        return Task(self.names[i], "bench", path.stat().st_size, art, worker.prepare(art))
 
     def start_server(self, extra_env: dict[str, str] | None = None) -> procs.Proc:
         self.server = procs.start_ours(
@@ -142,6 +145,15 @@ class Bed:
             if name in found:
                 found[name] = float(value)
         return found["piggy_batch_size_sum"], found["piggy_batch_size_count"]
+
+
+def local_worker(backbone: Backbone, device: str = "cpu", one_pass: bool | None = None) -> Worker:
+    """ONE engine worker in this process, configured as the server's first worker would be
+    (mixed-batch mode by device unless `one_pass` says); torch threads as this process has."""
+    config = place(Settings(backbone=backbone.name, device=device, engine_workers=1))[0]
+    if one_pass is not None:
+        config = dataclasses.replace(config, one_pass=one_pass)
+    return Worker.local(config, backbone)
 
 
 def sync(device: str) -> None:

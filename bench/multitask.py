@@ -26,13 +26,12 @@ from bench.fixtures import Config
 from masks import artifact as artifacts
 from masks.artifact import TaskArtifact, pack_mask
 from masks.backbones import Backbone
-from server import mixed
-from server.engine import Engine, Row
-from server.settings import Settings
+from server.engine import Row, Worker, mixed
+from server.engine.config import WorkerConfig
 
 DEMO = Path(__file__).resolve().parent.parent / "masks" / "demo_tasks"
 MIXES = ((1, 8), (2, 4), (4, 2), (8, 1))  # (tasks, rows each)
-# Per strategy: the GATHER_COST of one pass (server/mixed.py), or None: per task.
+# Per strategy: the GATHER_COST of one pass (server/engine/mixed.py), or None: per task.
 STRATEGIES = {
     "per-task": None,
     "one-pass": mixed.GATHER_COST,
@@ -100,19 +99,26 @@ def write_tasks(folder: Path, backbone: Backbone, config: Config, n: int) -> lis
 
 
 class Bench:
-    """An engine with `n` prepared tasks, and the plain module, on one device."""
+    """Two engine workers in this process, one per mixed-batch mode (a worker's mode is
+    fixed when it is built), with `n` prepared tasks, and the plain module, on one device.
+    `worker` is the one the server would run there (per task on the CPU)."""
 
     def __init__(self, config: Config, backbone: Backbone, folder: Path, n: int, device: str):
         self.config = config
         self.device = torch.device(device)
-        self.engine = Engine(Settings(backbone=config.backbone, device=device), backbone)
-        self.engine._load()
+        self.workers = {
+            mode: Worker.local(
+                WorkerConfig(index=0, device=device, dtype="float32", threads=1, one_pass=mode),
+                backbone,
+            )
+            for mode in (False, True)
+        }
+        self.worker = self.workers[self.device.type != "cpu"]
         names = write_tasks(folder, backbone, config, n)
         self.arts = [artifacts.load(folder / f"{m}.safetensors", backbone) for m in names]
         self.artifact_bytes = (folder / f"{names[0]}.safetensors").stat().st_size
-        self.engine.one_pass, one_pass = True, self.engine.one_pass  # tables for every way
-        self.states = [self.engine.prepare(a) for a in self.arts]
-        self.engine.one_pass = one_pass
+        # States with the one-pass tables serve both workers (per task reads `zeroed` only).
+        self.states = [self.workers[True].prepare(a) for a in self.arts]
         self.keys = [(m, "bench") for m in names]
         self.plain = copy.deepcopy(backbone.module).to(self.device)
         self.plain.to(memory_format=torch.channels_last).eval()
@@ -135,11 +141,12 @@ class Bench:
 
         return step
 
-    def predict_step(self, rows: list[Row], x: torch.Tensor):
-        return lambda: self.engine._predict(rows, x)
+    def predict_step(self, rows: list[Row], x: torch.Tensor, worker: Worker | None = None):
+        worker = worker or self.worker
+        return lambda: worker.step(rows, x)
 
     def close(self) -> None:
-        self.engine.close()
+        self.workers.clear()
 
 
 def rate(step, images: int, seconds: float, device: torch.device, max_steps: int) -> dict:
@@ -176,7 +183,7 @@ def switch_figure(b: Bench, repeats: int) -> dict:
 
     def switch():
         i = flip[0] = 1 - flip[0]
-        b.engine._switch(keys[i], b.engine._device_state(keys[i], states[i]))
+        b.worker._switch(keys[i], b.worker._device_state(keys[i], states[i]))
 
     forward = b.plain_step(b.batch(1))
     switch(), forward()
@@ -216,15 +223,13 @@ class LayerTimer:
     Pre-hooks stay; the post-hooks are re-registered after MixedForward's own hooks, so
     they time the layer plus its correction."""
 
-    def __init__(self, b: Bench):
+    def __init__(self, b: Bench, worker: Worker):
         self.b = b
-        self.slots = b.engine.working.slots
+        self.layers = worker.working.layers  # the masked layers, in slot order
         self.clock = time.perf_counter if b.device.type == "cuda" else time.process_time
         self.totals: dict[str, float] = defaultdict(float)
         self._start: dict[int, float] = {}
-        self._pre = [
-            s.module.register_forward_pre_hook(self._begin(i)) for i, s in enumerate(self.slots)
-        ]
+        self._pre = [m.register_forward_pre_hook(self._begin(i)) for i, m in enumerate(self.layers)]
         self._post: list = []
         self._enter = mixed.MixedForward.__enter__
         timer = self
@@ -255,8 +260,7 @@ class LayerTimer:
         for h in self._post:
             h.remove()
         self._post = [
-            s.module.register_forward_hook(self._end(i, layer_kind(s.module)))
-            for i, s in enumerate(self.slots)
+            m.register_forward_hook(self._end(i, layer_kind(m))) for i, m in enumerate(self.layers)
         ]
 
     def close(self) -> None:
@@ -269,19 +273,20 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
     """ms per batch for each mix and strategy, interleaved; and per layer kind."""
     x = b.batch(batch)
     out: dict = {"ms": defaultdict(list), "layers_ms": {}}
-    saved = mixed.GATHER_COST, b.engine.one_pass
+    saved = mixed.GATHER_COST
     mixes = [(t, batch // t) for t, _ in MIXES if batch % t == 0]
 
-    def use(cost: float | None) -> None:
-        b.engine.one_pass = cost is not None
-        mixed.GATHER_COST = saved[0] if cost is None else cost
+    def use(cost: float | None) -> Worker:
+        """The worker of this strategy's mode, GATHER_COST set for it."""
+        mixed.GATHER_COST = saved if cost is None else cost
+        return b.workers[cost is not None]
 
     try:
         for r in range(repeats):
             for strategy, cost in STRATEGIES.items():
-                use(cost)
+                worker = use(cost)
                 for tasks, each in mixes[r % 2 :] + mixes[: r % 2]:
-                    step = b.predict_step(b.rows(tasks, each), x)
+                    step = b.predict_step(b.rows(tasks, each), x, worker)
                     step()
                     out["ms"][f"{strategy} {tasks}x{each}"].append(
                         1e3 * median_s(step, 3, b.device)
@@ -290,11 +295,11 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
             for strategy, cost in STRATEGIES.items():
                 if cost is None:
                     continue  # per task runs whole forwards: no per-layer split to show
-                use(cost)
+                worker = use(cost)
                 for tasks, each in mixes:
-                    timer = LayerTimer(b)
+                    timer = LayerTimer(b, worker)
                     try:
-                        step = b.predict_step(b.rows(tasks, each), x)
+                        step = b.predict_step(b.rows(tasks, each), x, worker)
                         step()
                         timer.totals.clear()
                         for _ in range(3):
@@ -304,7 +309,7 @@ def mixed_table(b: Bench, repeats: int, batch: int = 8, per_layer: bool = True) 
                         timer.close()
                     out["layers_ms"][f"{strategy} {tasks}x{each}"] = kinds
     finally:
-        mixed.GATHER_COST, b.engine.one_pass = saved
+        mixed.GATHER_COST = saved
     out["ms"] = dict(out["ms"])
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bench import artifact_size, multitask
+from bench import artifact_size, multitask, workers
 from bench.stats import Spread, ratios
 
 # The summary's figures, exactly as the benchmark issues spell them, with their goals.
@@ -86,6 +86,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, Spread | float | None]]:
     artifact = results.get("artifact") or {}
     for figure, goal in ARTIFACT_GOALS.items():
         rows.append((f"{figure}", goal, artifact.get("figures", {}).get(figure)))
+    for label, bed in ((results.get("workers") or {}).get("beds") or {}).items():
+        found = workers.figures(bed)
+        rows += [(f"{f} ({label})", workers.GOALS[f], v) for f, v in found.items()]
     return rows
 
 
@@ -165,6 +168,7 @@ def render(results: dict, plots: list[str]) -> str:
     lines += _fairness(results)
     lines += _multitask(results)
     lines += _artifact(results)
+    lines += _workers(results)
     lines += _fixes(results)
     if results.get("skipped"):
         lines += ["", "## Not run", ""] + [f"- {s}" for s in results["skipped"]]
@@ -396,6 +400,13 @@ def _multitask(results: dict) -> list[str]:
         "one artifact's bytes."
     )
     return lines + ["", *multitask.tables(found)]
+
+
+def _workers(results: dict) -> list[str]:
+    found = results.get("workers")
+    if not found or not found.get("beds"):
+        return []
+    return ["", "## 8. Engine workers against the limit (issue 19)", "", *workers.tables(found)]
 
 
 def _artifact(results: dict) -> list[str]:

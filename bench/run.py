@@ -4,7 +4,8 @@ Each backbone gets a test bed (100 synthetic tasks, our server on loopback); sce
 3 and 5 run on every bed, 2 and 4 on the first (the demo backbone). Then many tasks at
 the speed of one (bench/multitask.py: efficientnet_lite0 and resnet18 at 64 px, 200
 tasks) and the artifact's size against its entropy (bench/artifact_size.py, the demo
-tasks). Every measurement is bounded in time and in request count, and the whole run
+tasks), and the engine workers against the limit (bench/workers.py, issue 19, CPU).
+Every measurement is bounded in time and in request count, and the whole run
 stops starting new work past --budget-s.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench import artifact_size, multitask, report
+from bench import artifact_size, multitask, report, workers
 from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios import cold, cost, fairness, peers, serving
@@ -92,9 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", help="comma-separated subset of the backbones to run")
     p.add_argument(
         "--scenarios",
-        default="serving,fairness,cold,peers,redis,scale,multitask,artifact",
+        default="serving,fairness,cold,peers,redis,scale,multitask,artifact,workers",
         help="comma-separated subset of: serving, fairness, cold, peers, redis, scale, "
-        "multitask, artifact",
+        "multitask, artifact, workers",
     )
     p.add_argument("--repeats", type=int, help="interleaved repeats per comparison")
     p.add_argument("--window-s", type=float, help="seconds per measurement")
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":  # over HTTP the server runs on the CPU (bench.gpu: in-process, CUDA)
         results["multitask"] = step("multitask", _multitask, options)
     results["artifact"] = step("artifact", _artifact_sizes, out)
+    if device == "cpu":  # issue 19: engine worker processes against the limit (CPU)
+        results["workers"] = step("workers", workers.run, options.quick)
     if not args.peers:
         results["skipped"].append("peers: not requested (--no-peers / --quick)")
     _save(results, out, started)

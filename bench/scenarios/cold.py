@@ -1,6 +1,6 @@
 """Scenario 3: a task the server has not seen.
 
-In-process: registering a task (parse + validate the artifact, engine.prepare: its sparse
+In-process: registering a task (parse + validate the artifact, worker.prepare: its sparse
 patch of the working copy) vs one batch-1 forward of the plain module, interleaved.
 Over HTTP: the first request to a task vs the next one to it (there is no weight cache:
 both run the same patch; the difference is what a first request still costs).
@@ -13,10 +13,8 @@ import time
 import torch
 
 from bench import fixtures, loadgen
-from bench.bed import Bed, sync
+from bench.bed import Bed, local_worker, sync
 from masks import artifact as artifacts
-from server.engine import Engine
-from server.settings import Settings
 
 
 def _timed(fn, device: str) -> float:
@@ -32,13 +30,12 @@ def run(bed: Bed) -> dict:
     device = torch.device(bed.device)
     data = (bed.registry / f"{bed.names[0]}.safetensors").read_bytes()
     x = fixtures.tensor_batch(bed.images, bed.backbone, cfg.input_size, 1).to(device)
-    engine = Engine(Settings(backbone=cfg.backbone, device=bed.device), bed.backbone)
-    engine._load()
-    plain = engine.backbone.module
+    worker = local_worker(bed.backbone, bed.device)
+    plain = bed.backbone.module
     x = x.contiguous(memory_format=torch.channels_last)
 
     def register():
-        engine.prepare(artifacts.load(data, bed.backbone))
+        worker.prepare(artifacts.load(data, bed.backbone))
 
     def forward():
         with torch.inference_mode():
@@ -50,7 +47,6 @@ def run(bed: Bed) -> dict:
     for _ in range(o.cold_repeats):
         reg.append(_timed(register, bed.device))
         fwd.append(_timed(forward, bed.device))
-    engine.close()
 
     # Over HTTP: each target (never asked for yet) once, then again.
     port = bed.server.port

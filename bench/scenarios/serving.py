@@ -2,7 +2,7 @@
 
 raw     the plain model in a tight in-process loop
 raw_cl  the same in channels_last (what our engine runs), to separate layout from overhead
-engine  our engine in-process, one task (the working copy patched to it)
+engine  one engine worker in-process (BN folded), one task (the working copy patched to it)
 http1   the server over HTTP, one task
 http10  10 tasks chosen uniformly at random
 http100 100 tasks chosen uniformly at random (no cache: every task is a sparse patch)
@@ -16,10 +16,9 @@ import time
 import torch
 
 from bench import fixtures
-from bench.bed import Bed, sync
+from bench.bed import Bed, local_worker, sync
 from masks.backbones import build_classifier
-from server.engine import Engine, Row
-from server.settings import Settings
+from server.engine import Row
 
 VARIANTS = ("raw", "raw_cl", "engine", "http1", "http10", "http100")
 
@@ -49,12 +48,8 @@ def run(bed: Bed) -> dict:
     cl_model = build_classifier(cfg.backbone, cfg.weights).to(device)
     cl_model.to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    engine = Engine(
-        Settings(backbone=cfg.backbone, device=bed.device),
-        bed.backbone,
-    )
-    engine._load()
-    task = bed.task(0, engine)
+    worker = local_worker(bed.backbone, bed.device)
+    task = bed.task(0, worker)
     rows = [Row(task.key, task.state)] * cfg.batch
 
     def raw_step():
@@ -66,7 +61,7 @@ def run(bed: Bed) -> dict:
             cl_model(x_cl)
 
     def engine_step():
-        engine._predict(rows, x)
+        worker.step(rows, x)
 
     http = {"http1": bed.uniform(1), "http10": bed.uniform(10), "http100": bed.uniform(o.n_tasks)}
     steps = {"raw": raw_step, "raw_cl": raw_cl_step, "engine": engine_step}
@@ -78,7 +73,6 @@ def run(bed: Bed) -> dict:
                 out[variant].append(rate)
             else:
                 out[variant].append(summary(bed.load(bed.server, http[variant], seed=r)))
-    engine.close()
     return out
 
 
