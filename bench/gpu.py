@@ -1,4 +1,5 @@
-"""`python -m bench.gpu`: issue 11's in-process figures on CUDA, at larger batches.
+"""`python -m bench.gpu`: the engine's in-process figures on CUDA, at larger batches, and
+the HTTP path: our server with one engine worker per device, one task, 8 clients.
 
 Task switch ÷ batch-1 forward, engine ÷ plain module (one task), and mixed batches
 (1, 2, 4, 8 tasks) run per task and in one pass (the way chosen per layer, forced to
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import fixtures, multitask
+from bench import fixtures, multitask, workers
 from bench.fixtures import Config
 
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 ip = multitask.in_process(b, repeats, window, batch=cfg.batch)
             finally:
                 b.close()
-            results["beds"][f"{cfg.label} {device.type}"] = {"in_process": ip}
+            http = workers.serving(cfg, backbone, Path(tmp), repeats, window, str(device))
+            results["beds"][f"{cfg.label} {device.type}"] = {"in_process": ip, "http": http}
     command = "python -m bench.gpu " + " ".join(argv or sys.argv[1:])
     multitask.publish(results, command, args.out, "gpu.json", "GPU.md")
     return 0

@@ -111,7 +111,11 @@ def cpu_split(proc: procs.Proc) -> tuple[float, float]:
     return t.user + t.system, children
 
 
-def start_server(workdir: Path, registry: Path, cfg: Config, workers: int) -> procs.Proc:
+def start_server(
+    workdir: Path, registry: Path, cfg: Config, workers: int | None, device: str = "cpu"
+) -> procs.Proc:
+    """Our server on `device` with `workers` engine workers (None: the default placement)."""
+    workers_env = {} if workers is None else {"PIGGY_ENGINE_WORKERS": str(workers)}
     proc = procs.start_ours(
         workdir,
         registry,
@@ -120,8 +124,8 @@ def start_server(workdir: Path, registry: Path, cfg: Config, workers: int) -> pr
         cfg.batch,
         tag=f"workers-{cfg.backbone}-{cfg.input_size}-{workers}",
         extra_env={
-            "PIGGY_DEVICE": "cpu",
-            "PIGGY_ENGINE_WORKERS": str(workers),
+            "PIGGY_DEVICE": device,
+            **workers_env,
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         },
     )
@@ -146,8 +150,12 @@ def http_side(proc, choose, clients: int, seconds: float, warmup_s: float) -> di
     }
 
 
-def serving(cfg: Config, backbone, workdir: Path, repeats: int, seconds: float) -> dict:
-    """Limit and server interleaved (limit, server, limit, ...), one task, 8 clients."""
+def serving(
+    cfg: Config, backbone, workdir: Path, repeats: int, seconds: float, device: str = "cpu"
+) -> dict:
+    """Limit and server interleaved (limit, server, limit, ...), one task, 8 clients. The
+    limit is the plain module on one CPU thread; on a GPU the server's images/s is the
+    figure (bench.gpu), with one engine worker per device."""
     registry = workdir / f"reg-{cfg.backbone}-{cfg.input_size}"
     names = fixtures.write_registry(registry, backbone, 1, cfg.input_size)
     module = Template.of(backbone).module
@@ -156,7 +164,8 @@ def serving(cfg: Config, backbone, workdir: Path, repeats: int, seconds: float) 
         loadgen.Request.post(f"/predict?task={names[0]}&top_k=5", b, "image/png") for b in bodies
     ]
     choose = lambda rng: rng.choice(reqs)  # noqa: E731
-    proc = start_server(workdir, registry, cfg, workers=os.cpu_count() or 1)
+    workers = (os.cpu_count() or 1) if device == "cpu" else None
+    proc = start_server(workdir, registry, cfg, workers, device)
     out: dict = {"limit": [], "server": []}
     try:
         for _ in range(repeats):
