@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 b.close()
             http = workers.serving(cfg, backbone, Path(tmp), repeats, window, str(device))
-            results["beds"][f"{cfg.label} {device.type}"] = {"in_process": ip, "http": http}
+            results["beds"][f"{cfg.label} {device.type}"] = {"in_process": ip, "http_workers": http}
     command = "python -m bench.gpu " + " ".join(argv or sys.argv[1:])
     multitask.publish(results, command, args.out, "gpu.json", "GPU.md")
     return 0
