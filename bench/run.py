@@ -282,7 +282,7 @@ FIXES: list[str] = [
     "forward (convolutions 130, Conv2dSame padding 69, BatchNorm 43); the event loop "
     "(routing, batcher, JSON) in about 46; decode and resize in about 5. HTTP, batching "
     "and JSON are not where the time goes on this backbone.",
-    "- **channels_last in the engine (server/engine.py).** oneDNN's CPU convolutions are "
+    "- **channels_last in the engine (server/engine/layout.py).** oneDNN's CPU convolutions are "
     "faster in channels_last: the plain model, images per CPU second, 3 interleaved "
     "runs: EfficientNet-Lite0 b8 224 px 10.3 / 9.7 / 10.8 contiguous vs 15.1 / 17.4 / 15.4 "
     "channels_last; resnet18 b16 64 px 120 / 113 / 121 vs 152 / 153 / 111; resnet50 b8 "

@@ -62,7 +62,7 @@ class Catalog:
     ):
         self.registry = registry
         self.backbone = backbone
-        self.prepare = prepare  # artifact -> engine state (Engine.prepare)
+        self.prepare = prepare  # artifact -> engine state (EnginePool.prepare)
         self.on_change = on_change  # called with a name whose artifact went away or changed
         self.tasks: dict[str, Task] = {}
         self.registry_error: str | None = None
