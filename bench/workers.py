@@ -27,7 +27,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import torch
 from PIL import Image
 
@@ -99,16 +98,8 @@ def limit(module, size: int, seconds: float) -> dict:
 
 def cpu_split(proc: procs.Proc) -> tuple[float, float]:
     """CPU seconds so far of the server's parent and of all its descendants (the workers)."""
-    parent = psutil.Process(proc.popen.pid)
-    t = parent.cpu_times()
-    children = 0.0
-    for p in parent.children(recursive=True):
-        try:
-            c = p.cpu_times()
-            children += c.user + c.system
-        except psutil.Error:
-            pass
-    return t.user + t.system, children
+    parent = proc.cpu_s()
+    return parent, proc.cpu_s(children=True) - parent
 
 
 def start_server(

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from server.catalog import Task
+from server.engine import WorkerInfo
 
 
 class Score(BaseModel):
@@ -54,20 +55,6 @@ class TaskList(BaseModel):
     tasks: list[TaskInfo]
 
 
-class WorkerStatus(BaseModel):
-    """One engine worker: its place, process, state and counters."""
-
-    index: int
-    device: str
-    pid: int | None
-    state: str  # starting, ready, failed, stopped
-    busy: bool
-    batches: int
-    switches: int
-    mixed: int
-    restarts: int
-
-
 class Health(BaseModel):
     """GET /readyz when ready."""
 
@@ -75,7 +62,7 @@ class Health(BaseModel):
     backbone: str
     registry: str
     tasks: int
-    workers: list[WorkerStatus] = []
+    workers: list[WorkerInfo] = []  # the pool's own record of each engine worker
 
 
 class Liveness(BaseModel):

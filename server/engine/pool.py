@@ -55,7 +55,7 @@ class BatchError(RuntimeError):
 
 @dataclass
 class WorkerInfo:
-    """One worker as /readyz and /metrics show it."""
+    """One worker as /readyz (its JSON body, server/schemas.py) and /metrics show it."""
 
     index: int
     device: str

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import admin_open
 from server.errors import responses
-from server.schemas import Health, Liveness, WorkerStatus
+from server.schemas import Health, Liveness
 from server.state import ServicesDep
 
 router = APIRouter(tags=["health"])
@@ -35,7 +33,6 @@ async def readyz(svc: ServicesDep):
     if catalog.registry_error:
         return _not_ready(f"registry {svc.registry.url} unreachable: {catalog.registry_error}")
     engine = svc.engine
-    workers = [WorkerStatus(**dataclasses.asdict(w)) for w in engine.workers()]
     if not engine.alive:
         return _not_ready("not ready: no engine worker is running (being replaced)")
     return Health(
@@ -43,7 +40,7 @@ async def readyz(svc: ServicesDep):
         backbone=engine.backbone.name,
         registry=svc.registry.url,
         tasks=len(catalog.tasks),
-        workers=workers,
+        workers=engine.workers(),
     )
 
 
