@@ -16,6 +16,14 @@ from client.client import DEFAULT_URL, Client, Retry
 from client.errors import APIError, TransportError
 from client.results import as_json
 
+# What to do about a token the server wants (401) or refused (403).
+TOKEN_HINTS = {
+    401: "the server wants a token: pass --token TOKEN or set PIGGY_TOKEN "
+    "(the server's PIGGY_ADMIN_TOKEN, or PIGGY_PREDICT_TOKEN for predict)",
+    403: "the server refused the token: check --token or PIGGY_TOKEN "
+    "(the server's PIGGY_ADMIN_TOKEN, or PIGGY_PREDICT_TOKEN for predict)",
+}
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Aligned columns; numbers right-aligned."""
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.func(client, args)
     except APIError as exc:
         print(f"piggy: {exc.code}: {exc.message} (HTTP {exc.status})", file=sys.stderr)
+        if exc.status in TOKEN_HINTS:
+            print(f"piggy: {TOKEN_HINTS[exc.status]}", file=sys.stderr)
         return 1
     except TransportError as exc:
         print(f"piggy: cannot reach the server: {exc}", file=sys.stderr)

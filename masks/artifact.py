@@ -217,21 +217,50 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return _parse(data)[1]
 
 
+NOT_AN_ARTIFACT = "not a safetensors task artifact (the file `piggy-masks train` writes)"
+
+
 def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    # Anything else uploaded by mistake (an image, a torch.save zip) fails here: say so first,
+    # the safetensors detail after it.
     if len(data) < 8:
-        raise ArtifactError("file", "too short to be a safetensors file")
+        raise ArtifactError("file", f"{NOT_AN_ARTIFACT} ({len(data)} bytes is too short)")
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
-        raise ArtifactError("file", f"header length {header_len} exceeds the file size")
+        raise ArtifactError(
+            "file",
+            f"{NOT_AN_ARTIFACT}{_looks_like(data)} (header length {header_len:,} exceeds "
+            f"the file's {len(data):,} bytes)",
+        )
     try:
         header = json.loads(data[8 : 8 + header_len])
         tensors = st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError("file", f"not a valid safetensors file ({exc})") from None
+        raise ArtifactError("file", f"{NOT_AN_ARTIFACT}{_looks_like(data)} ({exc})") from None
     if not isinstance(header, dict):
-        raise ArtifactError("file", "safetensors header is not an object")
+        raise ArtifactError("file", f"{NOT_AN_ARTIFACT} (its header is not a JSON object)")
     meta = header.get("__metadata__") or {}
     return tensors, meta
+
+
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"PK\x03\x04": "a zip file (torch.save writes these)",
+    b"\x80": "a pickle",
+    b"\x1f\x8b": "a gzip file",
+}
+
+
+def _looks_like(data: bytes) -> str:
+    """'; this looks like a PNG image' when the first bytes say what the file is instead."""
+    if data[8:9] == b"{":  # a safetensors header's opening brace: damaged, not foreign
+        return ""
+    for magic, what in _MAGIC.items():
+        if data.startswith(magic):
+            return f"; this looks like {what}"
+    return ""
 
 
 def _json_field(meta: dict[str, str], name: str, kind: type):

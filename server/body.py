@@ -11,8 +11,11 @@ from starlette.requests import Request as StarletteRequest
 from server.errors import BadRequest, PayloadTooLarge
 
 
-async def read_limited(request: Request, limit: int, what: str = "body") -> bytes:
-    """The whole body, or 413 as soon as Content-Length or the bytes received pass `limit`."""
+async def read_limited(
+    request: Request, limit: int, what: str = "body", setting: str = "PIGGY_MAX_BODY_BYTES"
+) -> bytes:
+    """The whole body, or 413 as soon as Content-Length or the bytes received pass `limit`;
+    the 413 names `setting`, the server's environment variable that sets the limit."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -20,13 +23,18 @@ async def read_limited(request: Request, limit: int, what: str = "body") -> byte
         except ValueError:
             raise BadRequest("Content-Length is not a number") from None
         if size > limit:
-            raise PayloadTooLarge(f"{what} of {size:,} bytes is over the limit of {limit:,}")
+            raise PayloadTooLarge(
+                f"{what} of {size:,} bytes is over the server's limit of {limit:,} bytes "
+                f"({setting})"
+            )
     chunks, received = [], 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:  # chunked uploads have no Content-Length to check first
-                raise PayloadTooLarge(f"{what} is over the limit of {limit:,} bytes")
+                raise PayloadTooLarge(
+                    f"{what} is over the server's limit of {limit:,} bytes ({setting})"
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         # An ordinary error (nobody is left to read it), not an exception out of the app

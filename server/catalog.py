@@ -132,8 +132,21 @@ class Catalog:
             # Can't tell whether it exists: say the registry is down, not that it's unknown.
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         if task is None:
-            raise TaskNotFound(f"no task named {name!r}")
+            raise self.not_found(name)
         return task
+
+    def not_found(self, name: str, shown: int = 10) -> TaskNotFound:
+        """The 404 for `name`, saying which tasks there are and where to list them."""
+        names = sorted(self.tasks)
+        if not names:
+            return TaskNotFound(
+                f"no task named {name!r}: no tasks are registered yet "
+                "(upload one with PUT /tasks/{name})"
+            )
+        known = ", ".join(names[:shown])
+        if len(names) > shown:
+            known += f" and {len(names) - shown} more"
+        return TaskNotFound(f"no task named {name!r}; known tasks: {known} (see GET /tasks)")
 
     async def put(self, name: str, data: bytes) -> Task:
         """Validate, then store: an invalid artifact never reaches the registry."""

@@ -262,7 +262,10 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as exc:
         raise BadRequest(f"body could not be decompressed: {exc}") from None
     if len(data) > limit:
-        raise PayloadTooLarge(f"decompressed body is over the limit of {limit:,} bytes")
+        raise PayloadTooLarge(
+            f"decompressed body is over the server's limit of {limit:,} bytes "
+            "(PIGGY_MAX_BODY_BYTES)"
+        )
     return data
 
 
@@ -359,7 +362,10 @@ def _check_batch(n: int, settings: Settings) -> None:
     if n < 1:
         raise BadRequest("the input holds no image")
     if n > settings.max_images:
-        raise PayloadTooLarge(f"{n} images in one request; the limit is {settings.max_images}")
+        raise PayloadTooLarge(
+            f"{n} images in one request; the server's limit is {settings.max_images} "
+            "(PIGGY_MAX_IMAGES)"
+        )
 
 
 def _flatten(data: Any) -> list:

@@ -8,6 +8,7 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
 
 from server.auth import require_predict
 from server.body import parse_form, read_limited
@@ -43,6 +44,7 @@ _BODY = {
     }
 }
 RAW_TYPES = ("image/", "application/octet-stream")
+FIELD = "file"  # the multipart field that carries images, one part per image
 
 
 @router.post(
@@ -63,8 +65,8 @@ async def predict(
     found = await svc.require_catalog().get(task)
     request.state.task = found.name
     settings = svc.settings
-    blobs = await _images(request, settings)
-    tensors = await prepare_async(blobs, found.artifact, settings.max_pixels)
+    blobs, names = await _images(request, settings)
+    tensors = await prepare_async(blobs, found.artifact, settings.max_pixels, names)
     probs = await svc.batcher.submit_within(found, tensors, started, settings.request_timeout_s)
     svc.metrics.images.labels(found.name).inc(len(blobs))
     labels = found.artifact.labels
@@ -80,20 +82,43 @@ async def predict(
     return JSONResponse(body)
 
 
-async def _images(request: Request, settings: Settings) -> list[bytes]:
+async def _images(request: Request, settings: Settings) -> tuple[list[bytes], list[str] | None]:
+    """The images' bytes, and for a multipart body the name of each one's part (for errors)."""
     content_type = request.headers.get("content-type", "").lower()
     body = await read_limited(request, settings.max_body_bytes, "request body")
     if content_type.startswith("multipart/form-data"):
         form = await parse_form(request, body, settings.max_images)
-        files = [f for f in form.getlist("file") if not isinstance(f, str)]
+        files = [f for f in form.getlist(FIELD) if not isinstance(f, str)]
         if not files:
-            raise BadRequest("multipart body has no `file` field with an image")
-        return [await f.read() for f in files]
+            raise _no_file_parts(form)
+        names = [
+            f"part {i} of {len(files)} (field `{FIELD}`, filename {f.filename!r}, "
+            f"{f.content_type or 'no content type'})"
+            for i, f in enumerate(files, 1)
+        ]
+        return [await f.read() for f in files], names
     if content_type and not content_type.startswith(RAW_TYPES):
         raise NotAnImage(
             f"content type {content_type!r} is not an image; send image/* "
-            "bytes or multipart/form-data with `file` fields"
+            f"bytes or multipart/form-data with `{FIELD}` fields"
         )
     if not body:
         raise BadRequest("empty body: send an image")
-    return [body]
+    return [body], None
+
+
+def _no_file_parts(form: FormData, shown: int = 10) -> BadRequest:
+    """The 400 for a multipart body without an image: what each part was instead."""
+    parts = [
+        f"part {name!r} is a text field, not a file"
+        if isinstance(value, str)
+        else f"part {name!r} is a file, but not named `{FIELD}`"
+        for name, value in form.multi_items()
+    ]
+    got = "; ".join(parts[:shown]) or "it has no parts"
+    if len(parts) > shown:
+        got += f"; and {len(parts) - shown} more parts"
+    return BadRequest(
+        f"multipart body has no image: {got}. Send each image as a file part named "
+        f"`{FIELD}` (curl -F {FIELD}=@photo.jpg)"
+    )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from server.auth import require_admin
 from server.body import read_limited
-from server.errors import BadRequest, TaskNotFound, responses
+from server.errors import BadRequest, responses
 from server.registry import NAME_PATTERN, valid_name
 from server.schemas import TaskInfo, TaskList
 from server.state import ServicesDep
@@ -66,7 +66,9 @@ async def get_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
 async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskInfo:
     name = _checked(name)
     catalog = svc.require_catalog()
-    data = await read_limited(request, svc.settings.max_artifact_bytes, "artifact")
+    data = await read_limited(
+        request, svc.settings.max_artifact_bytes, "artifact", "PIGGY_MAX_ARTIFACT_BYTES"
+    )
     task = await catalog.put(name, data)  # ArtifactError → 422, registry untouched
     request.state.task = task.name
     return TaskInfo.of(task)
@@ -81,8 +83,9 @@ async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
 )
 async def delete_task(name: TaskName, svc: ServicesDep) -> Response:
     name = _checked(name)
-    if not await svc.require_catalog().delete(name):
-        raise TaskNotFound(f"no task named {name!r}")
+    catalog = svc.require_catalog()
+    if not await catalog.delete(name):
+        raise catalog.not_found(name)
     return Response(status_code=204)
 
 

@@ -72,11 +72,21 @@ def test_errors_exit_non_zero_with_the_servers_message(piggy, live, tmp_path, mo
     image.write_bytes(png(1))
     code, out, err = piggy("predict", "--task", "nope", str(image))
     assert (code, out) == (1, "")
-    assert err == "piggy: task_not_found: no task named 'nope' (HTTP 404)\n"
+    assert err == (
+        "piggy: task_not_found: no task named 'nope'; known tasks: alpha, beta "
+        "(see GET /tasks) (HTTP 404)\n"
+    )
 
     monkeypatch.delenv("PIGGY_TOKEN")
     code, _, err = piggy("delete", "alpha")
     assert code == 1 and "unauthorized" in err and "401" in err
+    assert err.splitlines()[-1] == (  # what to do about it, in this CLI's own terms
+        "piggy: the server wants a token: pass --token TOKEN or set PIGGY_TOKEN "
+        "(the server's PIGGY_ADMIN_TOKEN, or PIGGY_PREDICT_TOKEN for predict)"
+    )
+    code, _, err = piggy("--token", "wrong", "delete", "alpha")
+    assert code == 1 and "forbidden" in err and "(HTTP 403)" in err
+    assert "piggy: the server refused the token: check --token or PIGGY_TOKEN" in err
 
     code, _, err = piggy("predict", "--task", "alpha", str(tmp_path / "missing.png"))
     assert code == 2 and "missing.png" in err

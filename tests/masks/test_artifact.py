@@ -323,6 +323,18 @@ def test_truncated_and_garbage_files_are_rejected(good, lite0):
         with pytest.raises(ArtifactError) as err:
             artifact.read(blob)
         assert err.value.field == "file", case
+        assert str(err.value).startswith("file: not a safetensors task artifact"), case
+
+
+def test_an_image_uploaded_as_an_artifact_is_called_what_it_is():
+    png = bytes.fromhex("89504e470d0a1a0a") + b"\0" * 61  # a PNG's signature
+    with pytest.raises(ArtifactError) as err:
+        artifact.read(png)
+    assert str(err.value) == (
+        "file: not a safetensors task artifact (the file `piggy-masks train` writes); "
+        "this looks like a PNG image (header length 727,905,341,920,923,785 exceeds "
+        "the file's 69 bytes)"
+    )
 
 
 def test_missing_metadata_field_is_named(good):

@@ -21,6 +21,8 @@ from server_support import make_artifact, png, png_header, serving, settings_for
 
 from masks import artifact as artifacts
 from masks import codec
+from server.errors import PayloadTooLarge
+from server.preprocess import decode
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
@@ -123,21 +125,62 @@ async def test_broken_images_get_their_documented_4xx(tmp_path, registry_dir, ba
     async with serving(settings, backbone) as client:
         expect(await predict(client, jpeg[: len(jpeg) // 2], "image/jpeg"), 415)
         expect(await predict(client, png_bytes[: len(png_bytes) // 2]), 415)
-        expect(await predict(client, png_header(100_000, 100_000)), 413, "payload_too_large")
+        err = expect(await predict(client, png_header(100_000, 100_000)), 413, "payload_too_large")
+        assert err["message"] == (  # at the default limit: Pillow's bomb guard, in our words
+            f"image has 10,000,000,000 pixels, over the limit of {settings.max_pixels:,} "
+            "(PIGGY_MAX_PIXELS)"
+        )
         expect(await predict(client, b"GIF89a" + b"\0" * 40, "image/gif"), 415)
         expect(await predict(client, b'{"not": "an image"}', "application/json"), 415)
         r = await client.post("/predict?task=alpha", files={"image": ("a.png", GOOD, "image/png")})
-        expect(r, 400)  # multipart without a `file` field
+        err = expect(r, 400)  # multipart without a `file` field
+        assert err["message"] == (
+            "multipart body has no image: part 'image' is a file, but not named `file`. "
+            "Send each image as a file part named `file` (curl -F file=@photo.jpg)"
+        )
         r = await client.post(
             "/predict?task=alpha", data={"file": "just text"}, files={"x": ("x", b"")}
         )
-        expect(r, 400)  # `file` present but not a file
-        expect(await client.post("/predict?task=alpha", files=files(4)), 413)
+        err = expect(r, 400)  # `file` present but not a file
+        assert err["message"].startswith(
+            "multipart body has no image: part 'file' is a text field, not a file; "
+            "part 'x' is a file, but not named `file`."
+        )
+        r = await client.post("/predict?task=alpha", files={"file": (None, "just text")})
+        err = expect(r, 400)  # the only part: a text field (curl -F file=text)
+        assert err["message"] == (
+            "multipart body has no image: part 'file' is a text field, not a file. "
+            "Send each image as a file part named `file` (curl -F file=@photo.jpg)"
+        )
+        r = await client.post("/predict?task=alpha", files={"file": ("notes.txt", b"hi")})
+        err = expect(r, 415)  # a file part, but not an image: which one it was
+        assert err["message"].startswith(
+            "part 1 of 1 (field `file`, filename 'notes.txt', text/plain): "
+            "not a supported image (accepted: JPEG, PNG"
+        )
+        err = expect(await client.post("/predict?task=alpha", files=files(4)), 413)
+        assert err["message"] == "more than 3 images in one request (PIGGY_MAX_IMAGES)"
+        images = {"name": "image", "datatype": "BYTES", "shape": [4], "data": [B64] * 4}
+        r = await client.post("/v2/models/alpha/infer", json={"inputs": [images]})
+        assert r.status_code == 413 and r.json() == {
+            "error": "4 images in one request; the server's limit is 3 (PIGGY_MAX_IMAGES)"
+        }
         r = await client.post("/predict?task=alpha", files=files(3))
         assert r.status_code == 200 and len(r.json()["results"]) == 3
         r = await predict(client, b"--b\r\nbroken", "multipart/form-data; boundary=b")
         expect(r, 400)
         await still_serves(client, reference)
+
+
+def test_pixel_limits_above_pillows_bomb_guard_say_which_limit_held():
+    pillow = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(PayloadTooLarge) as err:
+        decode(png_header(100_000, 100_000), max_pixels=10**11)
+    assert err.value.message == (
+        f"image has 10,000,000,000 pixels, over Pillow's decompression-bomb limit of "
+        f"{2 * pillow:,} (PIGGY_MAX_PIXELS can lower the limit, not raise it past that)"
+    )
+    assert "DOS attack" not in str(err.value)
 
 
 async def test_bodies_past_the_limit_are_refused_before_being_read(
@@ -308,7 +351,13 @@ async def test_bad_artifacts_are_422_naming_the_problem_registry_unchanged(
                 )
                 assert field in err["message"], (case, err)
         over = b"\0" * (3 * 1024 * 1024 + 1)
-        expect(await client.put("/tasks/fresh", content=over), 413, "payload_too_large")
+        err = expect(await client.put("/tasks/fresh", content=over), 413, "payload_too_large")
+        assert "limit of 3,145,728 bytes (PIGGY_MAX_ARTIFACT_BYTES)" in err["message"]
+        err = expect(await client.put("/tasks/fresh", content=GOOD), 422, "invalid_artifact")
+        assert err["message"].startswith(
+            "file: not a safetensors task artifact (the file `piggy-masks train` writes); "
+            "this looks like a PNG image (header length 727,905,341,920,923,785 exceeds"
+        )
         after = sorted(
             (p.name, p.stat().st_mtime_ns, p.read_bytes()) for p in registry_dir.iterdir()
         )

@@ -16,6 +16,7 @@ from server_support import (
 
 from masks import artifact as artifacts
 from masks.artifact import pack_mask
+from server.catalog import Catalog
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
@@ -51,31 +52,60 @@ async def test_400_bad_parameters(settings, backbone, reference):
 
 
 async def test_404_unknown_task_and_route(settings, backbone, reference):
+    hint = "no task named 'nope'; known tasks: alpha, beta, delta, gamma (see GET /tasks)"
     async with serving(settings, backbone) as client:
-        await expect(await client.post("/predict?task=nope", content=GOOD), 404, "task_not_found")
-        await expect(await client.get("/tasks/nope"), 404, "task_not_found")
-        await expect(await client.delete("/tasks/nope"), 404, "task_not_found")
+        for r in (
+            await client.post("/predict?task=nope", content=GOOD),
+            await client.get("/tasks/nope"),
+            await client.delete("/tasks/nope"),
+        ):
+            assert (await expect(r, 404, "task_not_found"))["message"] == hint
+        r = await client.get("/v2/models/nope")  # the OIP routes share the lookup
+        assert r.status_code == 404 and r.json() == {"error": hint}
         await expect(await client.get("/no/such/route"), 404, "not_found")
         await expect(await client.get("/predict"), 405, "method_not_allowed")
         await still_serves(client, reference)
+
+
+def test_404_names_the_first_ten_tasks_and_counts_the_rest():
+    catalog = Catalog(registry=None, backbone=None, prepare=None)
+    assert catalog.not_found("x").message == (
+        "no task named 'x': no tasks are registered yet (upload one with PUT /tasks/{name})"
+    )
+    catalog.tasks = {f"t{i:02}": None for i in range(13)}
+    message = catalog.not_found("x").message
+    shown = ", ".join(f"t{i:02}" for i in range(10))
+    assert message == f"no task named 'x'; known tasks: {shown} and 3 more (see GET /tasks)"
 
 
 async def test_413_body_pixels_and_bombs(tmp_path, registry_dir, backbone, reference):
     settings = settings_for(tmp_path, registry_dir, max_body_bytes=50_000, max_pixels=40 * 48)
     async with serving(settings, backbone) as client:
         big = b"\0" * 60_000
-        await expect(
+        err = await expect(
             await client.post("/predict?task=alpha", content=big), 413, "payload_too_large"
+        )
+        assert err["message"] == (
+            "request body of 60,000 bytes is over the server's limit of 50,000 bytes "
+            "(PIGGY_MAX_BODY_BYTES)"
         )
 
         async def chunks():  # no Content-Length: counted while streaming
             for _ in range(10):
                 yield b"\0" * 10_000
 
-        await expect(await client.post("/predict?task=alpha", content=chunks()), 413)
-        await expect(await client.post("/predict?task=alpha", content=png(1, (41, 48))), 413)
-        await expect(
+        err = await expect(await client.post("/predict?task=alpha", content=chunks()), 413)
+        assert "limit of 50,000 bytes (PIGGY_MAX_BODY_BYTES)" in err["message"]
+        err = await expect(await client.post("/predict?task=alpha", content=png(1, (41, 48))), 413)
+        assert err["message"] == (
+            "image has 1,968 pixels (41x48), over the limit of 1,920 (PIGGY_MAX_PIXELS)"
+        )
+        # Pillow refuses this one while opening it: its numbers, in our words, not its text.
+        err = await expect(
             await client.post("/predict?task=alpha", content=png_header(50_000, 50_000)), 413
+        )
+        assert err["message"] == (
+            "image has 2,500,000,000 pixels, over the limit of 1,920 (PIGGY_MAX_PIXELS)"
         )
         await still_serves(client, reference)
 
@@ -83,7 +113,11 @@ async def test_413_body_pixels_and_bombs(tmp_path, registry_dir, backbone, refer
 async def test_413_artifact_too_large(tmp_path, registry_dir, backbone, reference):
     settings = settings_for(tmp_path, registry_dir, max_artifact_bytes=1000)
     async with serving(settings, backbone) as client:
-        await expect(await client.put("/tasks/new", content=b"\0" * 2000), 413)
+        err = await expect(await client.put("/tasks/new", content=b"\0" * 2000), 413)
+        assert err["message"] == (
+            "artifact of 2,000 bytes is over the server's limit of 1,000 bytes "
+            "(PIGGY_MAX_ARTIFACT_BYTES)"
+        )
         await still_serves(client, reference)
 
 
@@ -99,7 +133,10 @@ async def test_415_not_an_image(settings, backbone, reference):
         await expect(r, 415)
         await expect(await client.post("/predict?task=alpha", content=GOOD[:60]), 415)
         files = [("file", ("a.png", GOOD, "image/png")), ("file", ("b.txt", b"text", "text/plain"))]
-        await expect(await client.post("/predict?task=alpha", files=files), 415)
+        err = await expect(await client.post("/predict?task=alpha", files=files), 415)
+        assert err["message"].startswith(
+            "part 2 of 2 (field `file`, filename 'b.txt', text/plain): not a supported image"
+        )
         await still_serves(client, reference)
 
 
@@ -115,6 +152,9 @@ async def test_422_invalid_artifacts_leave_the_registry_alone(
     async with serving(settings, backbone) as client:
         err = await expect(await client.put("/tasks/alpha", content=b"garbage" * 10), 422)
         assert err["code"] == "invalid_artifact" and err["message"].startswith("file")
+        err = await expect(await client.put("/tasks/alpha", content=GOOD), 422)  # an image
+        assert err["message"].startswith("file: not a safetensors task artifact"), err
+        assert "looks like a PNG image" in err["message"]
         err = await expect(
             await client.put("/tasks/alpha", content=artifacts.to_bytes(foreign)), 422
         )
