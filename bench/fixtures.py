@@ -19,7 +19,7 @@ from torch import nn
 from masks import artifact as artifacts
 from masks import inference
 from masks.artifact import TaskArtifact, packed_size
-from masks.backbones import BACKBONES, Backbone, load_backbone
+from masks.backbones import Backbone, load_backbone, resolve
 from masks.codec import Mask
 from masks.data import to_tensor
 
@@ -147,10 +147,10 @@ class FullModel(nn.Module):
 
 def build_full_model(backbone_name: str, num_features: int, n_labels: int) -> FullModel:
     """The architecture on the meta device (no init cost); load weights with assign=True."""
-    spec = BACKBONES[backbone_name]
+    spec = resolve(backbone_name)
     with torch.device("meta"):
         net = spec.build()
-        setattr(net, spec.classifier, nn.Identity())
+        spec.strip(net)
         return FullModel(net, num_features, n_labels)
 
 

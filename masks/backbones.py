@@ -27,13 +27,16 @@ TF_STD = (0.5, 0.5, 0.5)
 class BackboneSpec:
     """How to build one named backbone and what its input must look like."""
 
-    name: str
+    name: str  # an alias ("resnet18") or "library:model" ("timm:convnext_atto")
     build: Callable[[], nn.Module]  # architecture with random init, classifier included
-    classifier: str  # attribute name of the ImageNet classifier, replaced by Identity
+    strip: Callable[[nn.Module], None]  # removes the ImageNet classifier, in place
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     load_pretrained: Callable[[nn.Module, str | None], None]
+    # --input-size when training, where not given: 64 for the aliases (cheap on a CPU, and
+    # what their demo tasks use); the library's own size for "library:model" names.
+    train_size: int = 64
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fingerprint: str
+    train_size: int = 64  # the default --input-size when training (BackboneSpec.train_size)
 
     def maskable(self) -> dict[str, nn.Parameter]:
         """Weights that get a mask: every Conv2d and Linear weight, in module order."""
@@ -109,7 +113,8 @@ def _efficientnet_lite0_weights(model: nn.Module, weights_path: str | None) -> N
 def _torchvision_weights(weights_enum: str) -> Callable[[nn.Module, str | None], None]:
     def load(model: nn.Module, weights_path: str | None) -> None:
         if weights_path is not None:
-            model.load_state_dict(_read_state_dict(weights_path))
+            head = _last_linear(model)
+            _load_without_head(model, _read_state_dict(weights_path), head, weights_path)
             return
         import torchvision
 
@@ -159,17 +164,41 @@ def _tv(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _strip_attr(attr: str) -> Callable[[nn.Module], None]:
+    """The aliases' heads: the Linear at `attr`, or the last Linear of a Sequential there."""
+
+    def strip(model: nn.Module) -> None:
+        layer = getattr(model, attr)
+        if isinstance(layer, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return
+        # torchvision's mobilenets: Sequential(Linear, Hardswish, Dropout, Linear). Everything
+        # before the last Linear stays in the backbone (and is masked like any other layer).
+        last = max(i for i, m in enumerate(layer) if isinstance(m, nn.Linear))
+        layer[last] = nn.Identity()
+
+    return strip
+
+
 def _tv_spec(name: str, enum: str, classifier: str) -> BackboneSpec:
     return BackboneSpec(
-        name, _tv(name), classifier, 224, IMAGENET_MEAN, IMAGENET_STD, _torchvision_weights(enum)
+        name,
+        _tv(name),
+        _strip_attr(classifier),
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _torchvision_weights(enum),
     )
 
 
+# The names accepted before "library:model" existed; each stays an alias of its own (the
+# artifacts learned on them record these names).
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
         "efficientnet_lite0",
         _timm("tf_efficientnet_lite0"),
-        "classifier",
+        _strip_attr("classifier"),
         224,
         TF_MEAN,
         TF_STD,
@@ -182,13 +211,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "classifier"
     ),
 }
-
+LIBRARIES = ("timm", "torchvision")
 RANDOM = "random"
 
 
 def build_classifier(name: str, weights: str | None = None, seed: int = 0) -> nn.Module:
     """The full ImageNet model (classifier included), pretrained unless weights='random'."""
-    spec = _spec(name)
+    spec = resolve(name)
     with torch.random.fork_rng():
         # Seeded so that two processes asking for the same random backbone agree.
         torch.manual_seed(seed)
@@ -201,40 +230,220 @@ def build_classifier(name: str, weights: str | None = None, seed: int = 0) -> nn
 def load_backbone(name: str, weights: str | None = None, seed: int = 0) -> Backbone:
     """Build `name` as a frozen feature extractor.
 
-    weights: None for the pretrained ImageNet weights (package, or torchvision's cache),
+    name: an alias (`BACKBONES`), `timm:<model>` or `torchvision:<model>`.
+    weights: None for the pretrained ImageNet weights (package, or the library's cache),
     a path to a local weights file, or "random" for a seeded random init.
     """
-    spec = _spec(name)
+    spec = resolve(name)
     model = build_classifier(name, weights, seed)
-    num_features = _strip_classifier(model, spec.classifier)
+    spec.strip(model)
+    check_supported(model, spec.name)
     model.requires_grad_(False)
     return Backbone(
-        name=name,
+        name=spec.name,
         module=model.eval(),
-        num_features=num_features,
+        num_features=_feature_width(model, spec.input_size),
         input_size=spec.input_size,
         mean=spec.mean,
         std=spec.std,
         fingerprint=fingerprint(model),
+        train_size=spec.train_size,
     )
 
 
-def _strip_classifier(model: nn.Module, attr: str) -> int:
-    """Replace the final ImageNet Linear with Identity; return its input width."""
-    layer = getattr(model, attr)
-    if isinstance(layer, nn.Linear):
-        setattr(model, attr, nn.Identity())
-        return layer.in_features
-    # torchvision's mobilenets: Sequential(Linear, Hardswish, Dropout, Linear). Everything
-    # before the last Linear stays in the backbone (and is masked like any other layer).
-    last = max(i for i, m in enumerate(layer) if isinstance(m, nn.Linear))
-    in_features = layer[last].in_features
-    layer[last] = nn.Identity()
-    return in_features
+def _feature_width(model: nn.Module, input_size: int) -> int:
+    """The width of the features the stripped model returns (one forward, on zeros)."""
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, input_size, input_size))
+    if out.dim() != 2:
+        raise BackboneError(
+            f"the backbone returns features of shape {tuple(out.shape)}, not [batch, features]"
+        )
+    return out.shape[1]
 
 
-def _spec(name: str) -> BackboneSpec:
-    try:
+# Layers with weights that are neither masked (Conv2d, Linear) nor frozen norms: a model
+# with one is refused rather than served with part of it silently unmasked.
+UNSUPPORTED = (
+    nn.MultiheadAttention,  # its in_proj_weight is a bare Parameter, not a Linear
+    nn.modules.conv._ConvNd,  # Conv1d, Conv3d, transposed convs (Conv2d is checked first)
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.Bilinear,
+    nn.RNNBase,
+)
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Refuse what masks cannot cover: weight-tied parameters, unsupported layers."""
+    owners: dict[int, str] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        first = owners.setdefault(id(param), key)
+        if first != key:
+            raise BackboneError(
+                f"{name}: {key} and {first} are one tied tensor; weight-tied models are "
+                "not supported (a mask per weight would mask both)"
+            )
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            continue
+        if isinstance(layer, UNSUPPORTED):
+            raise BackboneError(
+                f"{name}: {prefix or 'the model'} is a {type(layer).__name__}, which masks do "
+                "not cover (masked: Conv2d and Linear)"
+                + ("; timm's vision transformers use Linear layers" if _is_mha(layer) else "")
+            )
+
+
+def _is_mha(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.MultiheadAttention)
+
+
+def resolve(name: str) -> BackboneSpec:
+    """The spec of an alias, `timm:<model>` or `torchvision:<model>`."""
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+    library, sep, model = name.partition(":")
+    if sep and library == "timm" and model:
+        return _timm_spec(model)
+    if sep and library == "torchvision" and model:
+        return _torchvision_spec(model)
+    raise BackboneError(
+        f"unknown backbone {name!r}: use timm:<model> or torchvision:<model> (any image "
+        f"classification model of those libraries), or one of {', '.join(BACKBONES)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# timm:<model>
+
+
+def _timm_spec(model: str) -> BackboneSpec:
+    import timm
+
+    if not timm.is_model(model):
+        close = timm.list_models(f"*{model.split('.')[0][:12]}*")[:6]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"timm has no model {model!r}{hint}")
+    cfg = timm.get_pretrained_cfg(model)
+    size = cfg.input_size[-1]
+    return BackboneSpec(
+        f"timm:{model}",
+        _timm(model),
+        _timm_strip(model),
+        size,
+        tuple(cfg.mean),
+        tuple(cfg.std),
+        _timm_weights(model, cfg),
+        train_size=size,
+    )
+
+
+def _timm_strip(model_name: str) -> Callable[[nn.Module], None]:
+    def strip(model: nn.Module) -> None:
+        if not hasattr(model, "reset_classifier"):
+            raise BackboneError(f"timm:{model_name}: no classifier head found (reset_classifier)")
+        model.reset_classifier(0)
+
+    return strip
+
+
+def _timm_weights(model_name: str, cfg) -> Callable[[nn.Module, str | None], None]:
+    """A local file, or timm's pretrained weights where its caches already hold them."""
+
+    def load(model: nn.Module, weights_path: str | None) -> None:
+        if weights_path is None:
+            weights_path = _timm_cached(cfg)
+            if weights_path is None:
+                raise BackboneError(
+                    f"no pretrained weights for timm:{model_name} in the Hugging Face cache "
+                    f"({cfg.hf_hub_id or 'no hub id'}) or torch hub's: download them once "
+                    "with network access, or pass a local weights file (--weights PATH / "
+                    "PIGGY_BACKBONE_WEIGHTS); --weights random for an untrained backbone"
+                )
+        _load_without_head(model, _read_state_dict(weights_path), cfg.classifier, weights_path)
+
+    return load
+
+
+def _timm_cached(cfg) -> str | None:
+    """Where timm's download would have put `cfg`'s weights, if they are there."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if cached.exists():
+            return str(cached)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision:<model>
+
+
+def _torchvision_spec(model: str) -> BackboneSpec:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if model not in known:
+        close = [m for m in known if model.split("_")[0] in m][:6]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"torchvision has no image classification model {model!r}{hint}")
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    transforms = weights.transforms()
+    size = int(transforms.crop_size[0])
+    return BackboneSpec(
+        f"torchvision:{model}",
+        _tv(model),
+        _strip_last_linear(model),
+        size,
+        tuple(transforms.mean),
+        tuple(transforms.std),
+        _torchvision_weights(str(weights)),
+        train_size=size,
+    )
+
+
+def _strip_last_linear(model_name: str) -> Callable[[nn.Module], None]:
+    """torchvision's head: the model's last Linear (fc, classifier[-1], heads.head, ...)."""
+
+    def strip(model: nn.Module) -> None:
+        head = _last_linear(model)
+        if not head:
+            raise BackboneError(
+                f"torchvision:{model_name}: no classifier head found (no Linear layer)"
+            )
+        parent_name, _, attr = head.rpartition(".")
+        # setattr works for Sequential children too ("3" or a named "head").
+        setattr(model.get_submodule(parent_name), attr, nn.Identity())
+
+    return strip
+
+
+def _last_linear(model: nn.Module) -> str:
+    """The name of the model's last Linear in module order ("" where it has none)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else ""
+
+
+def _load_without_head(
+    model: nn.Module, state: dict[str, torch.Tensor], classifier: str, source: str
+) -> None:
+    """Load `state` into the full model; the classifier's tensors may be missing or of any
+    shape (a file saved without the head, or with another number of classes)."""
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    head = tuple(f"{c}." for c in names if c)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(head)]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{source} does not fit the model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench.fixtures import FullModel, build_full_model
-from masks.backbones import BACKBONES
+from masks.backbones import resolve
 from masks.data import to_tensor
 
 
@@ -23,7 +23,7 @@ def load_full_model(path: Path, backbone: str, num_features: int, n_labels: int,
 
 
 def preprocess(data: bytes, backbone: str, input_size: int) -> torch.Tensor:
-    spec = BACKBONES[backbone]
+    spec = resolve(backbone)
     return to_tensor(Image.open(io.BytesIO(data)), input_size, spec.mean, spec.std)
 
 

@@ -35,6 +35,10 @@ class LayerGeometry:
     out_per_group: int
     in_per_group: int
     kernel: tuple[int, int]
+    # Whether the one-pass correction can gather this layer's inputs: not for a Linear on
+    # token inputs ([rows, tokens, features], as in vision transformers) nor a conv with
+    # padding other than zeros. Such a layer runs per task block instead (server/mixed.py).
+    gatherable: bool = True
 
     @property
     def row_stride(self) -> int:
@@ -125,9 +129,23 @@ def _geometry(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> LayerGeom
     if isinstance(layer, nn.Linear):
         features = x.shape[-1]
         return LayerGeometry(
-            True, None, features, (1, 1), (1, 1), (1, 1), (1, 1), out.shape[-1], features, (1, 1)
+            True,
+            None,
+            features,
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            out.shape[-1],
+            features,
+            (1, 1),
+            gatherable=x.dim() == 2,
         )
-    pads = conv_padding(layer, x)
+    try:
+        pads = conv_padding(layer, x)
+        gatherable = True
+    except ValueError:  # "same"/"valid" strings, reflect or circular padding
+        pads, gatherable = None, False
     h, w = x.shape[-2:]
     if pads is not None:
         h, w = h + pads[2] + pads[3], w + pads[0] + pads[1]
@@ -142,4 +160,5 @@ def _geometry(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> LayerGeom
         out_per_group=layer.out_channels // layer.groups,
         in_per_group=layer.in_channels // layer.groups,
         kernel=tuple(layer.kernel_size),
+        gatherable=gatherable,
     )

@@ -20,6 +20,9 @@ ways, whichever moves less data for this batch (`_choose`):
 The lead may be the pristine backbone itself (no task, no rows): then every row is
 corrected for its own task only.
 
+Linears on token inputs (vision transformers) and convs padded other than with zeros always
+run as segments (`LayerGeometry.gatherable`).
+
 Per-task BatchNorm: the norm sites any task of the batch changes get a per-row affine.
 """
 
@@ -188,7 +191,8 @@ def _choose(
     choice = []
     for slot, geometry, entries in zip(working.layout.slots, layers, gathered, strict=True):
         pixels = geometry.out_hw[0] * geometry.out_hw[1]
-        choice.append(GATHER_COST * entries * pixels <= len(tail) * slot.numel)
+        cheap = GATHER_COST * entries * pixels <= len(tail) * slot.numel
+        choice.append(geometry.gatherable and cheap)
     return choice
 
 

@@ -71,3 +71,72 @@ def test_preprocessing_is_resize_centre_crop_normalise():
     img = Image.fromarray(np.full((40, 80, 3), 255, dtype=np.uint8))
     x = to_tensor(img, 32, (0.5,) * 3, (0.5,) * 3)
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))
+
+
+# -- backbones by library and name ---------------------------------------------------------
+
+
+def test_library_names_take_the_librarys_config_and_head():
+    vit = load_backbone("timm:vit_tiny_patch16_224", "random")
+    assert (vit.name, vit.input_size, vit.mean, vit.train_size) == (
+        "timm:vit_tiny_patch16_224", 224, (0.5, 0.5, 0.5), 224
+    )  # fmt: skip
+    # Masked: the patch embedding, attention's qkv and projection, the MLP; not the head.
+    keys = vit.maskable()
+    assert "patch_embed.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys
+    assert "blocks.11.mlp.fc2.weight" in keys and not any(k.startswith("head") for k in keys)
+    tv = load_backbone("torchvision:mobilenet_v3_small", "random")
+    assert (tv.num_features, tv.input_size, tv.train_size) == (1024, 224, 224)
+    assert "classifier.0.weight" in tv.maskable() and "classifier.3.weight" not in tv.maskable()
+    assert load_backbone("resnet18", "random").train_size == 64  # the aliases keep 64
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("timm:no_such_model", "timm has no model 'no_such_model'"),
+        ("torchvision:vit_b_17", "did you mean"),
+        ("keras:resnet50", "timm:<model> or torchvision:<model>"),
+        ("torchvision:vit_b_16", "self_attention is a MultiheadAttention"),
+        ("torchvision:squeezenet1_0", "no classifier head found"),
+    ],
+)
+def test_unsupported_or_unknown_models_are_refused_by_name(name, says):
+    with pytest.raises(BackboneError, match=says):
+        load_backbone(name, "random")
+
+
+def test_weight_tied_models_are_refused():
+    from masks.backbones import check_supported
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    with pytest.raises(BackboneError, match="1.weight and 0.weight are one tied tensor"):
+        check_supported(model, "tied")
+
+
+def test_a_weights_file_with_or_without_the_head_but_nothing_else_missing(tmp_path):
+    name = "timm:regnetx_002"
+    state = build_classifier(name, "random", seed=2).state_dict()
+    want = load_backbone(name, "random", seed=2).fingerprint
+    for kept, label in (
+        (state, "with"),
+        ({k: v for k, v in state.items() if "head" not in k}, "without"),
+    ):  # noqa: E501
+        path = tmp_path / f"{label}.safetensors"
+        save_file(kept, path)
+        assert load_backbone(name, str(path)).fingerprint == want, label
+    broken = {k: v for k, v in state.items() if not k.startswith("stem.")}
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(BackboneError, match="does not fit the model: missing"):
+        load_backbone(name, str(tmp_path / "broken.safetensors"))
+
+
+def test_timm_without_cached_weights_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BackboneError, match="Hugging Face cache.*--weights random"):
+        load_backbone("timm:regnetx_002")
