@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bench import artifact_size, multitask, workers
+from bench import artifact_size, families, multitask, workers
 from bench.stats import Spread, ratios
 
 # The summary's figures, exactly as the benchmark issues spell them, with their goals.
@@ -169,6 +169,7 @@ def render(results: dict, plots: list[str]) -> str:
     lines += _multitask(results)
     lines += _artifact(results)
     lines += _workers(results)
+    lines += _families(results)
     lines += _fixes(results)
     if results.get("skipped"):
         lines += ["", "## Not run", ""] + [f"- {s}" for s in results["skipped"]]
@@ -407,6 +408,25 @@ def _workers(results: dict) -> list[str]:
     if not found or not found.get("beds"):
         return []
     return ["", "## 8. Engine workers against the limit (issue 19)", "", *workers.tables(found)]
+
+
+def _families(results: dict) -> list[str]:
+    found = results.get("families")
+    if not found or not (found.get("beds") or found.get("failed")):
+        return []
+    return [
+        "",
+        "## 9. Backbone families",
+        "",
+        "bench/families.py (`python -m bench.families` alone; families.md beside this file): "
+        "random-init backbones of other families at their native input size, fp32, one CPU "
+        "thread, one synthetic task each (~1% of the mask bits off). Engine ÷ plain: images "
+        "per CPU second of an engine worker stepping one task vs the plain module in "
+        "channels_last; switch ÷ b1 forward in CPU time; the artifact's bytes (format 2, "
+        "head included), its bits per masked weight, and the task state the CPU engine keeps.",
+        "",
+        *families.tables(found),
+    ]
 
 
 def _artifact(results: dict) -> list[str]:

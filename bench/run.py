@@ -4,7 +4,9 @@ Each backbone gets a test bed (100 synthetic tasks, our server on loopback); sce
 3 and 5 run on every bed, 2 and 4 on the first (the demo backbone). Then many tasks at
 the speed of one (bench/multitask.py: efficientnet_lite0 and resnet18 at 64 px, 200
 tasks) and the artifact's size against its entropy (bench/artifact_size.py, the demo
-tasks), and the engine workers against the limit (bench/workers.py, issue 19, CPU).
+tasks), and the engine workers against the limit (bench/workers.py, issue 19, CPU), and
+per backbone family the engine's overhead, task switch and bytes per task
+(bench/families.py, native input sizes, families.md beside RESULTS.md).
 Every measurement is bounded in time and in request count, and the whole run
 stops starting new work past --budget-s.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import artifact_size, multitask, report, workers
+from bench import artifact_size, families, multitask, report, workers
 from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios import cold, cost, fairness, peers, serving
@@ -93,9 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", help="comma-separated subset of the backbones to run")
     p.add_argument(
         "--scenarios",
-        default="serving,fairness,cold,peers,redis,scale,multitask,artifact,workers",
+        default="serving,fairness,cold,peers,redis,scale,multitask,artifact,workers,families",
         help="comma-separated subset of: serving, fairness, cold, peers, redis, scale, "
-        "multitask, artifact, workers",
+        "multitask, artifact, workers, families",
     )
     p.add_argument("--repeats", type=int, help="interleaved repeats per comparison")
     p.add_argument("--window-s", type=float, help="seconds per measurement")
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     results["artifact"] = step("artifact", _artifact_sizes, out)
     if device == "cpu":  # issue 19: engine worker processes against the limit (CPU)
         results["workers"] = step("workers", workers.run, options.quick)
+    results["families"] = step("families", _families, options, out, results["meta"])
     if not args.peers:
         results["skipped"].append("peers: not requested (--no-peers / --quick)")
     _save(results, out, started)
@@ -215,6 +218,16 @@ def _multitask(options: Options) -> dict:
     else:
         configs, tasks = list(multitask.CONFIGS.values()), 200
     return multitask.run(configs, tasks, options.repeats, options.window_s)
+
+
+def _families(options: Options, out: Path, meta: dict) -> dict:
+    """Per-family figures (CPU, one thread, families' own small windows); families.md and
+    families.json beside RESULTS.md, as `python -m bench.families` writes them."""
+    started = time.perf_counter()
+    found = families.quick_run() if options.quick else families.run()
+    found["meta"] = families.meta(meta["command"] + " (section 9)", started)
+    families.write(found, out)
+    return found
 
 
 def _artifact_sizes(out: Path) -> dict:
