@@ -159,7 +159,7 @@ def full_state_dict(art: TaskArtifact, backbone: Backbone) -> dict[str, torch.Te
     params = inference.materialise(art, backbone, "cpu", torch.float32)
     state = {f"backbone.{k}": v for k, v in backbone.module.state_dict().items()}
     for name, tensor in params.items():
-        key = name if name.startswith("head.") else f"backbone.{name}"
+        key = name if name in inference.TASK_HEAD else f"backbone.{name}"
         state[key] = tensor
     return {k: v.contiguous() for k, v in state.items()}
 

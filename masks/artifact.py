@@ -12,7 +12,8 @@ Tensors
                    zero-padded); one per masked parameter. Format 2's bitmap coding is the same.
     head.weight    float32 [num_labels, num_features]
     head.bias      float32 [num_labels]
-    bn.<name>.{weight,bias,running_mean,running_var}   optional per-task BatchNorm
+    bn.<name>.{weight,bias,running_mean,running_var}   optional per-task norm layers:
+                   BatchNorm (all four), LayerNorm and GroupNorm (weight, bias)
 Metadata (all strings)
     format ("1" or "2"), task, backbone, backbone_sha256, labels (JSON list), threshold,
     input_size, mean, std (JSON lists), metrics (JSON object), created (ISO 8601);
@@ -38,7 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from masks import codec
-from masks.backbones import Backbone
+from masks.backbones import NORM_LAYERS, Backbone
 from masks.codec import Mask
 from masks.errors import ArtifactError
 
@@ -484,9 +485,14 @@ def _check_bn(artifact: TaskArtifact, backbone: Backbone) -> None:
     if not artifact.bn:
         return  # the state dict costs more than decoding a task's masks
     state = backbone.module.state_dict()
+    norms = {n for n, m in backbone.module.named_modules() if isinstance(m, NORM_LAYERS)}
     for name, tensor in artifact.bn.items():
-        if name not in state or state[name].shape != tensor.shape:
-            raise ArtifactError(f"bn.{name}", "does not match a BatchNorm tensor of the backbone")
+        layer = name.rpartition(".")[0]
+        if layer not in norms or name not in state or state[name].shape != tensor.shape:
+            raise ArtifactError(
+                f"bn.{name}",
+                "does not match a norm tensor (BatchNorm, LayerNorm, GroupNorm) of the backbone",
+            )
 
 
 def load(source: str | Path | bytes, backbone: Backbone) -> TaskArtifact:

@@ -262,6 +262,10 @@ def _feature_width(model: nn.Module, input_size: int) -> int:
     return out.shape[1]
 
 
+# Norm layers a task may have its own of (--train-norm): BatchNorm's affine and statistics,
+# LayerNorm's and GroupNorm's affine. Frozen otherwise.
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
 # Layers with weights that are neither masked (Conv2d, Linear) nor frozen norms: a model
 # with one is refused rather than served with part of it silently unmasked.
 UNSUPPORTED = (

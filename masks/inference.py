@@ -33,9 +33,14 @@ def materialise(
     return params
 
 
+TASK_HEAD = ("head.weight", "head.bias")
+
+
 def forward(backbone: Backbone, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Logits of the task whose materialised `params` are given; the backbone is untouched."""
-    backbone_params = {k: v for k, v in params.items() if not k.startswith("head.")}
+    # Exactly these two keys: a backbone may have modules named "head" of its own (timm's
+    # ConvNeXt keeps its head's norm, head.norm, in the backbone).
+    backbone_params = {k: v for k, v in params.items() if k not in TASK_HEAD}
     features = functional_call(backbone.module, backbone_params, (x,), strict=False)
     return torch.nn.functional.linear(features, params["head.weight"], params["head.bias"])
 

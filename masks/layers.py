@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from masks.backbones import Backbone
+from masks.backbones import NORM_LAYERS, Backbone
 
 DEFAULT_THRESHOLD = 5e-3
 DEFAULT_SCORE_INIT = 1e-2
@@ -42,8 +42,9 @@ def _key(param_name: str) -> str:
 class PiggybackModel(nn.Module):
     """A frozen backbone, one score tensor per maskable weight, and a new linear head.
 
-    train_bn=True gives the task its own BatchNorm affine parameters and statistics
-    (the paper's optional per-task BN); otherwise BN stays frozen in eval mode.
+    train_bn=True gives the task its own norm layers (the paper's optional per-task BN):
+    BatchNorm's affine parameters and statistics, LayerNorm's and GroupNorm's affine;
+    otherwise they stay frozen (BN in eval mode).
     """
 
     def __init__(
@@ -76,9 +77,12 @@ class PiggybackModel(nn.Module):
 
     def _copy_batchnorm(self) -> None:
         for prefix, layer in self.backbone_module.named_modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                for attr in ("weight", "bias"):
+            if not isinstance(layer, NORM_LAYERS):
+                continue
+            for attr in ("weight", "bias"):
+                if getattr(layer, attr, None) is not None:
                     self.bn[_key(f"{prefix}.{attr}")] = nn.Parameter(getattr(layer, attr).clone())
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 for attr in ("running_mean", "running_var"):
                     self.bn_buffers[f"{prefix}.{attr}"] = getattr(layer, attr).clone()
 

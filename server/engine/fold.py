@@ -35,12 +35,19 @@ class ChannelAffine(nn.Module):
     where it was folded into the conv before it (scale None).
 
     `task` overrides it for the task the working copy runs: (scale, shift) of shape [C],
-    or [rows, C] for a batch whose rows differ (the one-pass mixed batch)."""
+    or [rows, C] for a batch whose rows differ (the one-pass mixed batch). The channels are
+    dim 1 (NCHW maps) or the last dim (`channels_last=True`: a LayerNorm's tokens)."""
 
-    def __init__(self, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+    def __init__(
+        self,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
+        self.channels_last = channels_last
         self.task: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +55,10 @@ class ChannelAffine(nn.Module):
         if scale is None:
             return x
         rows = scale.shape[0] if scale.dim() == 2 else 1
-        shape = (rows, x.shape[1], *([1] * (x.dim() - 2)))
+        if self.channels_last:
+            shape = (rows, *([1] * (x.dim() - 2)), x.shape[-1])
+        else:
+            shape = (rows, x.shape[1], *([1] * (x.dim() - 2)))
         return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
 
@@ -64,14 +74,20 @@ class NormSite:
     bias: torch.Tensor
     running_mean: torch.Tensor
     running_var: torch.Tensor
+    # "batch": a BatchNorm; "affine": a LayerNorm or GroupNorm, whose own affine (weight,
+    # bias) stays in it, a task's own applied after it as a ratio (as for a folded BN).
+    kind: str = "batch"
 
     @property
     def channels(self) -> int:
         return self.running_mean.numel()
 
     def affine(self, own: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        """(s, b') of the BN with the backbone's tensors, or a task's where it has its own."""
+        """(s, b') of the BN with the backbone's tensors, or a task's where it has its own;
+        a LayerNorm's or GroupNorm's (weight, bias)."""
         own = own or {}
+        if self.kind == "affine":
+            return own.get("weight", self.weight).float(), own.get("bias", self.bias).float()
         w, b, mean, var = (own.get(k, getattr(self, k)).float() for k in BN_SUFFIXES)
         scale = w / torch.sqrt(var + self.eps)
         return scale, b - mean * scale
@@ -120,7 +136,39 @@ def _fold(module: nn.Module, pairs: dict[str, str]) -> tuple[nn.Module, list[Nor
         replacement, inner = _replacement(bn, affine)
         _set_module(folded, name, replacement)
         sites.append(_site(name, bn, folded=fold, module=inner))
+    for name, norm in list(layers.items()):
+        if _affine_norm(norm):
+            # Followed by an identity affine, which a task with its own weight and bias
+            # sets to (w_t / w, b_t - (w_t / w) * b): exact where w has no zero.
+            channels_last = isinstance(norm, nn.LayerNorm) and type(norm).__name__ != "LayerNorm2d"
+            _set_module(folded, name, nn.Sequential(norm, ChannelAffine(None, None, channels_last)))
+            sites.append(_affine_site(name, norm))
     return folded, sites
+
+
+def _affine_norm(layer: nn.Module) -> bool:
+    """A LayerNorm over one dim, or a GroupNorm, with an affine a task can change: not one
+    with an activation inside (timm's *NormAct: the affine would land after it)."""
+    if isinstance(layer, nn.LayerNorm):
+        ok = len(layer.normalized_shape) == 1
+    elif isinstance(layer, nn.GroupNorm):
+        ok = True
+    else:
+        return False
+    weight = getattr(layer, "weight", None)
+    return (
+        ok
+        and weight is not None
+        and getattr(layer, "bias", None) is not None
+        and not isinstance(getattr(layer, "act", None), nn.Module)
+        and bool((weight != 0).all())
+    )
+
+
+def _affine_site(name: str, norm: nn.Module) -> NormSite:
+    weight, bias = (getattr(norm, a).detach().float().cpu().clone() for a in ("weight", "bias"))
+    zeros = torch.zeros_like(weight)
+    return NormSite(name, f"{name}.1", True, 0.0, weight, bias, zeros, zeros + 1, kind="affine")
 
 
 def _site(name: str, bn: nn.Module, folded: bool, module: str = "") -> NormSite:

@@ -144,7 +144,11 @@ def _norm_patch(artifact: TaskArtifact, layout: Layout) -> tuple[torch.Tensor, t
         own.setdefault(layer, {})[suffix] = tensor
     unknown = sorted(set(own) - set(layout.norm_index))
     if unknown:
-        raise ArtifactError(f"bn.{unknown[0]}", "per-task BatchNorm is not supported here")
+        raise ArtifactError(
+            f"bn.{unknown[0]}",
+            "this per-task norm layer is not supported by the engine (one with an activation "
+            "inside, or a zero in its weight)",
+        )
     sites = sorted(layout.norm_index[name] for name in own)
     if not sites:
         return torch.empty(0, dtype=torch.int64), torch.empty(2, 0)

@@ -47,7 +47,7 @@ def with_bn(artifact, backbone, seed: int):
 
 def features(backbone, artifact, x):
     params = inference.materialise(artifact, backbone)
-    backbone_params = {k: v for k, v in params.items() if not k.startswith("head.")}
+    backbone_params = {k: v for k, v in params.items() if k not in inference.TASK_HEAD}
     with torch.inference_mode():
         return functional_call(backbone.module, backbone_params, (x,), strict=False)
 

@@ -5,6 +5,8 @@ answered equal to the reference `W * mask` forward on the unfolded backbone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from server_support import make_artifact
 
 from masks import artifact as artifacts
 from masks import data, inference, train
-from masks.backbones import build_classifier, load_backbone
+from masks.backbones import NORM_LAYERS, build_classifier, load_backbone
 from server.engine.config import WorkerConfig
 from server.engine.worker import Row, Worker
 
@@ -58,9 +60,11 @@ def family(request, tmp_path_factory):
     assert backbone.fingerprint != load_backbone(name, "random").fingerprint
 
     tiny = tiny_data(size)
+    # Its own norm layers too: BatchNorm, LayerNorm or GroupNorm, whichever the family has.
     config = train.TrainConfig(
-        epochs=1, min_steps=2, batch_size=4, input_size=size, lr_mask=0.05, progress=False
-    )
+        epochs=1, min_steps=2, batch_size=4, input_size=size, lr_mask=0.05, train_bn=True,
+        progress=False,
+    )  # fmt: skip
     result = train.train(backbone, tiny, config)
     trained = artifacts.read(
         artifacts.to_bytes(train.to_artifact(result, backbone, tiny, config, "trained"))
@@ -68,8 +72,29 @@ def family(request, tmp_path_factory):
     artifacts.validate(trained, backbone)
     assert trained.backbone == name
     assert 0 < trained.metrics["sparsity"] < 1  # its mask switched weights off
+    norms = {k.rpartition(".")[0] for k in trained.bn}
+    kinds = {type(backbone.module.get_submodule(n)).__name__ for n in norms}
+    assert kinds, "no per-task norm layer"
+    if "vit" in name or "deit" in name or "convnext" in name:
+        assert any("LayerNorm" in k for k in kinds), kinds
     masked = make_artifact(backbone, "masked", n_labels=3, seed=1, input_size=size, keep=0.9)
-    return backbone, trained, masked
+    normed = with_norms(make_artifact(backbone, "normed", 4, seed=2, input_size=size), backbone)
+    return backbone, {"trained": trained, "masked": masked, "normed": normed}
+
+
+def with_norms(art, backbone):
+    """`art` with its own norm layers: every BN/LN/GN tensor of the backbone, perturbed."""
+    g = torch.Generator().manual_seed(7)
+    state = backbone.module.state_dict()
+    for layer, module in backbone.module.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            for suffix in ("weight", "bias", "running_mean", "running_var"):
+                tensor = state.get(f"{layer}.{suffix}")
+                if tensor is not None:
+                    noise = 1 + 0.3 * torch.rand(tensor.shape, generator=g)
+                    art.bn[f"{layer}.{suffix}"] = tensor * noise + 0.05 * (suffix == "bias")
+    artifacts.validate(art, backbone)
+    return art
 
 
 def reference(backbone, art, x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +106,16 @@ def reference(backbone, art, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("one_pass", [False, True], ids=["per-task", "one-pass"])
 def test_engine_answers_the_reference_on_every_family(family, one_pass):
-    backbone, trained, masked = family
-    size = trained.input_size
+    backbone, arts = family
+    size = arts["trained"].input_size
     worker = Worker.local(WorkerConfig(0, "cpu", "float32", 1, one_pass=one_pass), backbone)
-    states = {"trained": worker.prepare(trained), "masked": worker.prepare(masked)}
-    arts = {"trained": trained, "masked": masked}
-    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    order = ["trained", "masked", "masked", "trained"]
+    states = {name: worker.prepare(art) for name, art in arts.items()}
+    x = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    order = ["trained", "masked", "normed", "masked", "trained"]
+    # The per-task norms matter: without them the answer moves (so the check below sees them).
+    plain = dataclasses.replace(arts["normed"], bn={})
+    moved = reference(backbone, plain, x[2:3]) - reference(backbone, arts["normed"], x[2:3])
+    assert moved.abs().max() > 1e-3
     mixed = worker.step([Row((n, "1"), states[n]) for n in order], x)
     for i, name in enumerate(order):
         want = reference(backbone, arts[name], x[i : i + 1])[0]
