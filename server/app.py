@@ -17,7 +17,7 @@ from server.engine import EnginePool
 from server.metrics import Metrics, RequestCounter
 from server.registry import REMOTE_SCHEMES, open_registry
 from server.replica import ReplicaHeader
-from server.routes import oip, page, routers
+from server.routes import docs, oip, page, routers
 from server.settings import Settings
 from server.state import Services
 
@@ -50,12 +50,18 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
             await svc.registry.close()
 
     app = FastAPI(
-        title="piggyback-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+        title="piggyback-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: server/routes/docs.py, offline
+        redoc_url=None,
     )
     errors.install(app)
-    for router in (*routers, oip.router, page.router):
+    for router in (*routers, oip.router, page.router, docs.router):
         app.include_router(router)
     app.mount("/web", page.assets(), name="web")
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.add_middleware(RequestCounter)
     if settings.cors_origin_list:  # off unless asked for: no CORS header is ever sent
         app.add_middleware(
