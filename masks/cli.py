@@ -9,8 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from masks import artifact, data, demo, train
-from masks.backbones import BACKBONES, load_backbone
+from masks import artifact, data, demo, samples, train
+from masks.backbones import BACKBONES, LIBRARIES, load_backbone
 from masks.errors import MasksError
 
 
@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> None:
         lr_finetune=args.lr_finetune,
         threshold=args.threshold,
         train_bn=args.train_bn,
-        input_size=args.input_size,
+        input_size=args.input_size or backbone.train_size,
         seed=args.seed,
         device=args.device,
     )
@@ -39,9 +39,14 @@ def _train(args: argparse.Namespace) -> None:
         print(warning, file=sys.stderr)
     print(f"training {train.settings_line(config, backbone, len(dataset.train.targets))}")
     result = train.train(backbone, dataset, config)
-    _report(config.mode, result, len(dataset.test.targets))
     if args.baseline:
+        _report(config.mode, result, len(dataset.test.targets))
         return
+    task = args.task or dataset.name
+    out = Path(args.out or f"{task}.safetensors")
+    # The bytes reported are the bytes written (format 2), not format 1's bitmaps.
+    blob = artifact.to_bytes(train.to_artifact(result, backbone, dataset, config, task))
+    _report(config.mode, replace(result, task_bytes=len(blob)), len(dataset.test.targets))
     if result.sparsity == 0:
         print(NOTHING_SWITCHED_OFF)
     if args.compare:
@@ -49,9 +54,7 @@ def _train(args: argparse.Namespace) -> None:
         _report("classifier-only", baseline, len(dataset.test.targets))
         gain = 100 * (result.accuracy - baseline.accuracy)
         print(f"the mask's gain over classifier-only on the same split: {gain:+.2f} points")
-    task = args.task or dataset.name
-    out = Path(args.out or f"{task}.safetensors")
-    artifact.write(train.to_artifact(result, backbone, dataset, config, task), out)
+    artifact.write_atomic(out, blob)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
@@ -73,10 +76,7 @@ def _report(mode: str, result: train.TrainResult, test_size: int) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     data = Path(args.file).read_bytes()
     art = artifact.read(data)
-    meta = artifact.read_metadata(data)
-    meta.pop("masks", None)  # format 2's table: shown per parameter below
-    meta["labels"], meta["metrics"] = art.labels, art.metrics
-    print(json.dumps(meta, indent=2))
+    print(json.dumps(_typed_metadata(art, artifact.read_metadata(data)), indent=2))
     if art.bn:
         print(f"per-task BatchNorm: {len(art.bn)} tensors")
     if not args.no_backbone:
@@ -84,6 +84,22 @@ def _inspect(args: argparse.Namespace) -> None:
         artifact.validate(art, backbone)  # also sizes a format-1 file's bitmaps
         print(f"valid for backbone {backbone.name} ({backbone.fingerprint[:16]}…)")
     print(_mask_table(art, artifact.read_metadata(data)["format"], len(data)))
+
+
+def _typed_metadata(art: artifact.TaskArtifact, meta: dict[str, str]) -> dict:
+    """The metadata strings as the JSON values the format defines (numbers, lists, objects),
+    in the file's order; a field the format does not define stays the string it is."""
+    typed = {
+        "format": int(meta["format"]),
+        "labels": art.labels,
+        "threshold": art.threshold,
+        "input_size": art.input_size,
+        "mean": list(art.mean),
+        "std": list(art.std),
+        "metrics": art.metrics,
+    }
+    # format 2's table `masks` is shown per parameter below
+    return {k: typed.get(k, v) for k, v in meta.items() if k != "masks"}
 
 
 def _mask_table(art: artifact.TaskArtifact, version: str, file_bytes: int) -> str:
@@ -132,6 +148,19 @@ def _demo(args: argparse.Namespace) -> None:
     print(demo.table_from_artifacts(target))
 
 
+def _samples(args: argparse.Namespace) -> None:
+    if args.rebuild:
+        tasks = [t for t in demo.available_tasks() if not args.tasks or t.name in args.tasks]
+        paths = samples.generate(Path(args.out) if args.out else samples.SAMPLES_DIR, tasks)
+        print(f"wrote {len(paths)} samples from the held-out splits")
+    elif args.out:
+        paths = samples.copy_to(Path(args.out))
+        print(f"copied {len(paths)} samples into {args.out}")
+    else:
+        paths = [p for ps in samples.sample_files().values() for p in ps]
+    print(samples.describe(paths))
+
+
 class _ShowDefaults(argparse.HelpFormatter):
     """Every default in --help, except where there is none or the help says it already."""
 
@@ -160,9 +189,17 @@ def parser() -> argparse.ArgumentParser:
         help=f"an ImageFolder directory or a demo data set: {', '.join(data.DEMO_DATASETS)}",
     )
     t.add_argument(
-        "--backbone", default=demo.DEMO_BACKBONE, choices=list(BACKBONES), help="frozen backbone"
+        "--backbone",
+        default=demo.DEMO_BACKBONE,
+        help="frozen backbone: "
+        + ", ".join(f"{lib}:<model>" for lib in LIBRARIES)
+        + f", or one of {', '.join(BACKBONES)}",
     )
-    t.add_argument("--weights", help="local weights file, or 'random' (default: pretrained)")
+    t.add_argument(
+        "--weights",
+        help="local weights file (safetensors or state dict), or 'random' (default: the "
+        "pretrained weights from the library's cache)",
+    )
     t.add_argument("--task", help="task name (default: the data set's name)")
     t.add_argument("--out", help="artifact path (default: TASK.safetensors)")
     t.add_argument(
@@ -192,12 +229,20 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--threshold", type=float, default=d.threshold, help="a weight is on where score > this"
     )
-    t.add_argument("--train-bn", action="store_true", help="per-task BatchNorm (in the artifact)")
+    t.add_argument(
+        "--train-norm",
+        "--train-bn",
+        dest="train_bn",
+        action="store_true",
+        help="the task's own norm layers, in the artifact: BatchNorm (affine and statistics), "
+        "LayerNorm and GroupNorm (affine)",
+    )
     t.add_argument(
         "--input-size",
         type=int,
-        default=d.input_size,
-        help="pixels per side; images are resized to it (far below 64, accuracy can drop sharply)",
+        help="pixels per side; images are resized to it (default: the library's size for "
+        f"{'/'.join(f'{lib}:' for lib in LIBRARIES)} names, {d.input_size} for the built-in "
+        "ones; far below 64, accuracy can drop sharply)",
     )
     t.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling")
     t.add_argument("--device", default=d.device, help="torch device (cpu, cuda, ...)")
@@ -233,6 +278,26 @@ def parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--out", help="target folder (default: $PIGGY_HOME/demo/tasks)")
     m.set_defaults(func=_demo)
+
+    s = sub.add_parser(
+        "samples",
+        help="list (or copy out) sample images for the demo tasks",
+        description="Held-out images of each demo task's data, as the task saw them in "
+        "training, named <label>_<n>.png: e.g. `piggy predict --task mnist SAMPLE`.",
+    )
+    s.add_argument("--out", help="copy them into this folder (one sub-folder per task)")
+    s.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="regenerate them from the data sets (into --out, default: the package's folder)",
+    )
+    s.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=[t.name for t in demo.DEMO_TASKS],
+        help="with --rebuild: only these tasks (default: every task whose data is installed)",
+    )
+    s.set_defaults(func=_samples)
     return p
 
 

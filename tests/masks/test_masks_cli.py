@@ -31,4 +31,19 @@ def test_inspect_shows_the_coding_and_bits_per_weight(tmp_path, lite0, capsys):
     first = next(iter(lite0.maskable()))
     row = next(line for line in out.splitlines() if line.split()[:1] == [first])
     assert row.split()[3] == "elias-fano"
-    assert json.loads(out[: out.index("\n}") + 2])["format"] == "2"
+    assert json.loads(out[: out.index("\n}") + 2])["format"] == 2
+
+
+def test_inspect_prints_the_metadata_as_json_values(tmp_path, lite0, capsys):
+    art = make_artifact(lite0)
+    path = artifact.write(art, tmp_path / "t.safetensors")
+    assert cli.main(["inspect", str(path), "--no-backbone"]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads(out[: out.index("\n}") + 2])
+    assert meta["format"] == 2 and meta["input_size"] == art.input_size
+    assert meta["threshold"] == art.threshold and isinstance(meta["threshold"], float)
+    assert meta["mean"] == list(art.mean) and meta["std"] == list(art.std)
+    assert meta["labels"] == art.labels and meta["metrics"] == art.metrics
+    assert meta["task"] == "t" and meta["backbone_sha256"] == lite0.fingerprint
+    assert "masks" not in meta  # format 2's table: the per-parameter rows below
+    assert list(meta) == [k for k in artifact.read_metadata(path.read_bytes()) if k != "masks"]

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,7 +55,10 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "warning: input 32 px is far below the 224 px" in printed.err
     assert "training piggyback on efficientnet_lite0: 120 training images" in printed.out
-    assert "1 epochs = 4 steps (at least 0)" in printed.out
+    assert "1 epoch = 4 steps (at least 0)" in printed.out
+    # The size reported is the size of the file written (format 2), not format 1's bitmaps.
+    assert f"{out.stat().st_size:,} bytes per task" in printed.out
+    assert f"wrote {out} ({out.stat().st_size:,} bytes)" in printed.out
     # One epoch is 4 steps: no mask bit can flip, and the user is told so.
     assert "no weight was switched off" in printed.out
     assert "classifier-only: held-out accuracy" in printed.out
@@ -71,6 +75,27 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
     assert "valid for backbone efficientnet_lite0" in inspect.stdout
 
 
+def test_artifact_records_the_epochs_the_step_floor_ran(lite0):
+    full = data.faces()
+    few = data.Split(full.train.images[:16], full.train.targets[:16])  # 1 step an epoch
+    faces = replace(full, train=few, test=data.Split(full.test.images[:8], full.test.targets[:8]))
+    config = train.TrainConfig(epochs=1, min_steps=2, batch_size=16, input_size=32, progress=False)
+    assert "2 epochs = 2 steps (at least 2)" in train.settings_line(config, lite0, 16)
+    result = train.train(lite0, faces, config)
+    art = train.to_artifact(result, lite0, faces, config, "faces")
+    assert art.metrics["config"]["epochs"] == 2 and art.metrics["config"]["min_steps"] == 2
+    assert result.epochs == 2
+    assert result.task_bytes == len(artifact.to_bytes(art))  # format 2's bytes, as written
+    assert result.task_bytes < artifact.packed_size(art.metrics["masked_params"])
+
+
+def test_settings_line_pluralises():
+    one = train.TrainConfig(epochs=1, min_steps=0, batch_size=32)
+    backbone = type("B", (), {"name": "b"})()
+    assert "1 epoch = 1 step (at least 0)" in train.settings_line(one, backbone, 32)
+    assert "1 epoch = 2 steps" in train.settings_line(one, backbone, 33)
+
+
 def test_train_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -78,7 +103,8 @@ def test_train_help_shows_every_default(capsys):
     d = train.TrainConfig()
     for value in (d.epochs, d.min_steps, d.lr_mask, d.lr_head, d.threshold):
         assert f"(default: {value})" in text
-    assert "(default: 64)" in text and "(default: 32)" in text and "(default: cpu)" in text
+    assert "(default: 32)" in text and "(default: cpu)" in text
+    assert "(default: the library's size for timm:/torchvision: names, 64 for the built-in" in text
     assert "(default: None)" not in text
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -147,3 +148,101 @@ def test_kill_9_during_an_upload_leaves_old_or_new_never_broken(
         if target.read_bytes() == old:
             reference.check("alpha", image, r.json()["results"][0])
     print("kill -9 outcomes:", outcomes)
+
+
+def _jpeg(seed: int, side: int = 1070) -> bytes:
+    """Noise at quality 95: about 1.35 MB, so the body takes several reads to arrive."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_sigterm_answers_every_request_it_accepted(tmp_path, registry_dir):
+    """40 large JPEGs sent 20 ms apart, SIGTERM 0.5 s in: each request is answered or
+    refused, never read and then dropped ("Server disconnected without sending a response")."""
+    image = _jpeg(0)
+    assert 1_200_000 < len(image) < 1_500_000
+    with started(tmp_path, registry_dir) as (proc, url, log_path):
+        outcomes: dict[int, object] = {}
+
+        def send(i: int) -> None:
+            try:
+                outcomes[i] = httpx.post(
+                    f"{url}/predict?task=alpha", content=image,
+                    headers={"content-type": "image/jpeg"}, timeout=60,
+                ).status_code  # fmt: skip
+            except httpx.TransportError as exc:
+                outcomes[i] = exc
+
+        threads, start, signalled = [], time.monotonic(), False
+        for i in range(40):
+            if not signalled and time.monotonic() - start >= 0.5:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+            threads.append(threading.Thread(target=send, args=(i,)))
+            threads[-1].start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(60) == 0, log_path.read_text()
+    dropped = {i: o for i, o in outcomes.items() if isinstance(o, httpx.RemoteProtocolError)}
+    assert not dropped, (dropped, outcomes)
+    answered = [o for o in outcomes.values() if isinstance(o, int)]
+    refused = [o for o in outcomes.values() if isinstance(o, httpx.ConnectError)]
+    assert answered and all(code == 200 for code in answered), outcomes
+    others = [o for o in outcomes.values() if not isinstance(o, int | httpx.ConnectError)]
+    print("answered", len(answered), "refused", len(refused), "other", others)
+
+
+def _post(sock: socket.socket, image: bytes) -> tuple[int, dict[str, str]]:
+    """One POST /predict over a raw connection: (status, headers), the body read whole."""
+    head = (
+        "POST /predict?task=alpha HTTP/1.1\r\nHost: piggy\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(image)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + image)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection without an answer (got {data!r})"
+        data += chunk
+    top, _, rest = data.partition(b"\r\n\r\n")
+    status, *lines = top.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    while len(rest) < int(headers["content-length"]):
+        rest += sock.recv(65536)
+    return int(status.split()[1]), headers
+
+
+def test_sigterm_answers_requests_on_connections_already_open(tmp_path, registry_dir):
+    """uvicorn alone closes, at SIGTERM, every connection with no request in hand: a client
+    that has just connected, or reuses a keep-alive connection, sends its request into a
+    closed connection. Here such a request is answered (Connection: close)."""
+    with started(tmp_path, registry_dir) as (proc, url, log_path):
+        port = int(url.rsplit(":", 1)[1])
+        fresh = socket.create_connection(("127.0.0.1", port), timeout=30)
+        kept = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with fresh, kept:
+            assert _post(kept, png(1))[0] == 200  # kept alive, idle now
+            time.sleep(0.3)  # the idle loop has accepted `fresh`
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while True:  # the listening socket closes with the shutdown of every connection
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.02)
+            time.sleep(0.1)
+            for sock in (fresh, kept):
+                status, headers = _post(sock, png(2))
+                assert status == 200 and headers.get("connection") == "close", headers
+                assert sock.recv(1) == b""  # then closed
+        assert proc.wait(30) == 0, log_path.read_text()

@@ -173,3 +173,33 @@ def test_piggy_cli_against_the_server(tmp_path, registry_dir, reference):
         assert piggy(url, "delete", "copy").returncode == 0
         missing = piggy(url, "predict", "--task", "copy", str(image))
         assert missing.returncode == 1 and "task_not_found" in missing.stderr
+
+
+def test_busy_port_fails_at_once_with_one_clear_line(tmp_path, registry_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
+        environ.update(
+            PIGGY_HOME=str(tmp_path / "home"), PIGGY_BACKBONE="resnet18",
+            PIGGY_BACKBONE_WEIGHTS="random", PIGGY_REGISTRY=f"dir:{registry_dir}",
+        )  # fmt: skip
+        out = subprocess.run(
+            [*command(), "--host", "127.0.0.1", "--port", str(port)],
+            env=environ, capture_output=True, text=True, timeout=STARTUP_S,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"127.0.0.1:{port} is already in use" in lines[0]
+    assert "--port" in lines[0] and "PIGGY_PORT" in lines[0]
+    assert "Errno" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_documents_the_exit_status():
+    out = subprocess.run([*command(), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "exit status: 0 after a clean stop" in text
+    assert "1 when the server cannot start (the listen address is in use" in text
