@@ -140,3 +140,32 @@ def test_timm_without_cached_weights_says_where_it_looked(tmp_path, monkeypatch)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(BackboneError, match="Hugging Face cache.*--weights random"):
         load_backbone("timm:regnetx_002")
+
+
+def test_timm_weights_come_from_the_hugging_face_cache_where_they_are(tmp_path, monkeypatch):
+    """The layout huggingface_hub downloads into: refs/main names the snapshot."""
+    import huggingface_hub.constants as hub
+
+    name = "timm:regnetx_002"
+    repo = tmp_path / "hub" / "models--timm--regnetx_002.pycls_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(
+        build_classifier(name, "random", seed=4).state_dict(),
+        repo / "snapshots" / "abc123" / "model.safetensors",
+    )
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert load_backbone(name).fingerprint == load_backbone(name, "random", seed=4).fingerprint
+
+
+def test_torchvision_weights_come_from_torch_hubs_cache_where_they_are(tmp_path, monkeypatch):
+    import torchvision
+
+    name = "torchvision:mobilenet_v3_small"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save(build_classifier(name, "random", seed=4).state_dict(), cached)
+    assert load_backbone(name).fingerprint == load_backbone(name, "random", seed=4).fingerprint
