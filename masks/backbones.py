@@ -164,27 +164,33 @@ def _tv(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _strip_attr(attr: str) -> Callable[[nn.Module], None]:
-    """The aliases' heads: the Linear at `attr`, or the last Linear of a Sequential there."""
+def _strip_last_linear(name: str) -> Callable[[nn.Module], None]:
+    """torchvision's head, and the aliases': the model's last Linear (fc, classifier[-1],
+    heads.head, ...). In torchvision's mobilenets, Sequential(Linear, Hardswish, Dropout,
+    Linear), what comes before it stays in the backbone (masked like any other layer)."""
 
     def strip(model: nn.Module) -> None:
-        layer = getattr(model, attr)
-        if isinstance(layer, nn.Linear):
-            setattr(model, attr, nn.Identity())
-            return
-        # torchvision's mobilenets: Sequential(Linear, Hardswish, Dropout, Linear). Everything
-        # before the last Linear stays in the backbone (and is masked like any other layer).
-        last = max(i for i, m in enumerate(layer) if isinstance(m, nn.Linear))
-        layer[last] = nn.Identity()
+        head = _last_linear(model)
+        if not head:
+            raise BackboneError(f"{name}: no classifier head found (no Linear layer)")
+        parent_name, _, attr = head.rpartition(".")
+        # setattr works for Sequential children too ("3" or a named "head").
+        setattr(model.get_submodule(parent_name), attr, nn.Identity())
 
     return strip
 
 
-def _tv_spec(name: str, enum: str, classifier: str) -> BackboneSpec:
+def _last_linear(model: nn.Module) -> str:
+    """The name of the model's last Linear in module order ("" where it has none)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else ""
+
+
+def _tv_spec(name: str, enum: str) -> BackboneSpec:
     return BackboneSpec(
         name,
         _tv(name),
-        _strip_attr(classifier),
+        _strip_last_linear(name),
         224,
         IMAGENET_MEAN,
         IMAGENET_STD,
@@ -198,17 +204,17 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
         "efficientnet_lite0",
         _timm("tf_efficientnet_lite0"),
-        _strip_attr("classifier"),
+        _strip_last_linear("efficientnet_lite0"),
         224,
         TF_MEAN,
         TF_STD,
         _efficientnet_lite0_weights,
     ),
-    "resnet18": _tv_spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),
-    "resnet34": _tv_spec("resnet34", "ResNet34_Weights.IMAGENET1K_V1", "fc"),
-    "resnet50": _tv_spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "fc"),
+    "resnet18": _tv_spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet34": _tv_spec("resnet34", "ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet50": _tv_spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
     "mobilenet_v3_large": _tv_spec(
-        "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "classifier"
+        "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
     ),
 }
 LIBRARIES = ("timm", "torchvision")
@@ -295,12 +301,12 @@ def check_supported(model: nn.Module, name: str) -> None:
             raise BackboneError(
                 f"{name}: {prefix or 'the model'} is a {type(layer).__name__}, which masks do "
                 "not cover (masked: Conv2d and Linear)"
-                + ("; timm's vision transformers use Linear layers" if _is_mha(layer) else "")
+                + (
+                    "; timm's vision transformers use Linear layers"
+                    if isinstance(layer, nn.MultiheadAttention)
+                    else ""
+                )
             )
-
-
-def _is_mha(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.MultiheadAttention)
 
 
 def resolve(name: str) -> BackboneSpec:
@@ -405,35 +411,13 @@ def _torchvision_spec(model: str) -> BackboneSpec:
     return BackboneSpec(
         f"torchvision:{model}",
         _tv(model),
-        _strip_last_linear(model),
+        _strip_last_linear(f"torchvision:{model}"),
         size,
         tuple(transforms.mean),
         tuple(transforms.std),
         _torchvision_weights(str(weights)),
         train_size=size,
     )
-
-
-def _strip_last_linear(model_name: str) -> Callable[[nn.Module], None]:
-    """torchvision's head: the model's last Linear (fc, classifier[-1], heads.head, ...)."""
-
-    def strip(model: nn.Module) -> None:
-        head = _last_linear(model)
-        if not head:
-            raise BackboneError(
-                f"torchvision:{model_name}: no classifier head found (no Linear layer)"
-            )
-        parent_name, _, attr = head.rpartition(".")
-        # setattr works for Sequential children too ("3" or a named "head").
-        setattr(model.get_submodule(parent_name), attr, nn.Identity())
-
-    return strip
-
-
-def _last_linear(model: nn.Module) -> str:
-    """The name of the model's last Linear in module order ("" where it has none)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else ""
 
 
 def _load_without_head(

@@ -36,18 +36,18 @@ class ChannelAffine(nn.Module):
 
     `task` overrides it for the task the working copy runs: (scale, shift) of shape [C],
     or [rows, C] for a batch whose rows differ (the one-pass mixed batch). The channels are
-    dim 1 (NCHW maps) or the last dim (`channels_last=True`: a LayerNorm's tokens)."""
+    dim 1 (NCHW maps) or the last dim (`channel_dim_last=True`: a LayerNorm's tokens)."""
 
     def __init__(
         self,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
-        channels_last: bool = False,
+        channel_dim_last: bool = False,
     ):
         super().__init__()
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
-        self.channels_last = channels_last
+        self.channel_dim_last = channel_dim_last
         self.task: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class ChannelAffine(nn.Module):
         if scale is None:
             return x
         rows = scale.shape[0] if scale.dim() == 2 else 1
-        if self.channels_last:
+        if self.channel_dim_last:
             shape = (rows, *([1] * (x.dim() - 2)), x.shape[-1])
         else:
             shape = (rows, x.shape[1], *([1] * (x.dim() - 2)))
@@ -140,8 +140,9 @@ def _fold(module: nn.Module, pairs: dict[str, str]) -> tuple[nn.Module, list[Nor
         if _affine_norm(norm):
             # Followed by an identity affine, which a task with its own weight and bias
             # sets to (w_t / w, b_t - (w_t / w) * b): exact where w has no zero.
-            channels_last = isinstance(norm, nn.LayerNorm) and type(norm).__name__ != "LayerNorm2d"
-            _set_module(folded, name, nn.Sequential(norm, ChannelAffine(None, None, channels_last)))
+            # nn.LayerNorm normalises the last dim; timm's LayerNorm2d, like GroupNorm, dim 1.
+            last = isinstance(norm, nn.LayerNorm) and type(norm).__name__ != "LayerNorm2d"
+            _set_module(folded, name, nn.Sequential(norm, ChannelAffine(None, None, last)))
             sites.append(_affine_site(name, norm))
     return folded, sites
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_page import CHROMEDRIVER, CHROMIUM, FLAGS, pytestmark  # noqa: F401 - and its skip
+from test_page import pytestmark, start_chromium  # noqa: F401 - and its skip
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -18,13 +16,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 @pytest.fixture(scope="module")
 def logging_browser():
     """Chromium that records its network events (the DevTools performance log)."""
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
+    driver = start_chromium(**{"goog:loggingPrefs": {"performance": "ALL"}})
     yield driver
     driver.quit()
 

@@ -44,14 +44,22 @@ def bundled_image() -> Path:
     return Path(skimage.data.__file__).parent / "chelsea.png"
 
 
-@pytest.fixture(scope="module")
-def browser():
+def start_chromium(**capabilities):
+    """Headless Debian Chromium through chromedriver, with these extra capabilities."""
     options = Options()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
+    for name, value in capabilities.items():
+        options.set_capability(name, value)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = start_chromium()
     yield driver
     driver.quit()
 
