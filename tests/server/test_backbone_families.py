@@ -179,3 +179,19 @@ def test_piggy_serve_serves_a_vit_trained_by_piggy_masks(tmp_path):
     with piggy_serve(tmp_path, **other) as client:
         r = client.post("/predict?task=shades", content=body, headers={"content-type": "image/png"})
         assert r.status_code == 404, r.text
+
+
+def test_a_per_task_norm_the_engine_cannot_apply_is_refused_by_name():
+    """A LayerNorm with a zero in its weight has no exact ratio: a task with its own values
+    there is refused (ArtifactError: a 422 on upload), not served wrong."""
+    from masks.errors import ArtifactError
+
+    backbone = load_backbone("timm:convnext_atto", "random")
+    with torch.no_grad():
+        backbone.module.get_submodule("stages.0.blocks.0.norm").weight[0] = 0
+    worker = Worker.local(WorkerConfig(0, "cpu", "float32", 1, one_pass=False), backbone)
+    art = make_artifact(backbone, "zeroed", seed=1, input_size=64)
+    worker.prepare(art)  # without own norms: served
+    art.bn["stages.0.blocks.0.norm.weight"] = torch.ones(40)
+    with pytest.raises(ArtifactError, match=r"bn\.stages\.0\.blocks\.0\.norm.*not supported"):
+        worker.prepare(art)
