@@ -29,19 +29,17 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=deploy/wheels,target=/wheels \
-    mkdir masks server client \
-    && touch README.md masks/__init__.py server/__init__.py client/__init__.py \
+    mkdir -p src/piggyback_serve \
+    && touch README.md src/piggyback_serve/__init__.py \
     && if ls /wheels/*.whl >/dev/null 2>&1; then pip install --find-links /wheels /wheels/*.whl; fi \
     && pip install --find-links /wheels '.[server]' \
     && pip uninstall -y piggyback-serve triton \
-    && rm -rf masks server client build ./*.egg-info README.md
+    && rm -rf src build README.md
 
 # The project itself, as a wheel (setuptools is already in the venv: torch needs it).
 FROM deps AS build
 COPY README.md ./
-COPY masks ./masks
-COPY server ./server
-COPY client ./client
+COPY src ./src
 RUN pip wheel --no-deps --no-build-isolation --no-cache-dir --wheel-dir /dist .
 
 # The runtime image is the dependency stage itself: its venv layer (GBs, reused while

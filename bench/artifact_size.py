@@ -2,8 +2,8 @@
 
     python -m bench.artifact_size      # prints the figures, writes bench/results/artifact_size.md
 
-Three figures (issue 12), over the demo tasks in masks/demo_tasks/ (each read as format-2
-bytes, converted in memory first if a file is still format 1):
+Three figures, over the demo tasks in src/piggyback_serve/masks/demo_tasks/ (each read as
+format-2 bytes, converted in memory first if a file is still format 1):
 - bits per masked weight: the whole file's bytes * 8 / the backbone's masked weights (worst);
 - bytes per task / (entropy of its masks + head): the entropy is each parameter's binary
   entropy H(off / numel) * numel summed (a tighter bound than one rate for all), the head
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from masks import artifact, codec, demo
-from masks.backbones import Backbone
-from server.engine import Worker
-from server.engine.config import WorkerConfig
-from server.engine.task_state import TaskState
+from piggyback_serve.masks import artifact, codec, demo
+from piggyback_serve.masks.backbones import Backbone
+from piggyback_serve.server.engine import Worker
+from piggyback_serve.server.engine.config import WorkerConfig
+from piggyback_serve.server.engine.task_state import TaskState
 
 RESULTS = Path(__file__).parent / "results" / "artifact_size.md"
 REPEATS = 15

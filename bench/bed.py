@@ -13,12 +13,12 @@ import torch
 
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
-from masks import artifact as artifacts
-from masks.backbones import Backbone
-from server.catalog import Task
-from server.engine import Worker
-from server.engine.placement import place
-from server.settings import Settings
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import Backbone
+from piggyback_serve.server.catalog import Task
+from piggyback_serve.server.engine import Worker
+from piggyback_serve.server.engine.placement import place
+from piggyback_serve.server.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 Per task: total bytes of all masks and the time to decode them to positions (median of
 repeats, one thread), for Elias–Fano, varint gaps, varint gaps + zstd -19, and the bitmap,
-next to the masks' entropy. Why format 2 uses Elias–Fano (masks/codec.py).
+next to the masks' entropy. Why format 2 uses Elias–Fano (src/piggyback_serve/masks/codec.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench.artifact_size import binary_entropy_bytes
-from masks import artifact, codec, demo
+from piggyback_serve.masks import artifact, codec, demo
 
 
 def varint_gaps(off: np.ndarray) -> bytes:

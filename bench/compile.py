@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from masks.backbones import load_backbone
-from server.engine.layout import Template
+from piggyback_serve.masks.backbones import load_backbone
+from piggyback_serve.server.engine.layout import Template
 
 RESULTS = Path(__file__).parent / "results" / "compile.md"
 WEIGHTS = {"efficientnet_lite0": None, "resnet18": "random"}

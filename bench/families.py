@@ -32,7 +32,7 @@ import torch
 from bench import multitask
 from bench.fixtures import Config, backbone_for
 from bench.stats import Spread, ratios
-from masks.backbones import resolve
+from piggyback_serve.masks.backbones import resolve
 
 FAMILIES = (
     "timm:resnet10t",

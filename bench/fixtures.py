@@ -16,12 +16,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from masks import artifact as artifacts
-from masks import inference
-from masks.artifact import TaskArtifact, packed_size
-from masks.backbones import Backbone, load_backbone, resolve
-from masks.codec import Mask
-from masks.data import to_tensor
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks import inference
+from piggyback_serve.masks.artifact import TaskArtifact, packed_size
+from piggyback_serve.masks.backbones import Backbone, load_backbone, resolve
+from piggyback_serve.masks.codec import Mask
+from piggyback_serve.masks.data import to_tensor
 
 N_LABELS = 10
 

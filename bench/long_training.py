@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from masks import artifact, data, demo, train
-from masks.backbones import load_backbone
+from piggyback_serve.masks import artifact, data, demo, train
+from piggyback_serve.masks.backbones import load_backbone
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,13 +23,14 @@ from torch import nn
 
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
-from masks import artifact as artifacts
-from masks.artifact import TaskArtifact, pack_mask
-from masks.backbones import Backbone
-from server.engine import Row, Worker, mixed
-from server.engine.config import WorkerConfig
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.artifact import TaskArtifact, pack_mask
+from piggyback_serve.masks.backbones import Backbone
+from piggyback_serve.masks.demo import BUNDLED_DIR
+from piggyback_serve.server.engine import Row, Worker, mixed
+from piggyback_serve.server.engine.config import WorkerConfig
 
-DEMO = Path(__file__).resolve().parent.parent / "masks" / "demo_tasks"
+DEMO = BUNDLED_DIR
 MIXES = ((1, 8), (2, 4), (4, 2), (8, 1))  # (tasks, rows each)
 # Per strategy: the GATHER_COST of one pass (server/engine/mixed.py), or None: per task.
 STRATEGIES = {

@@ -121,7 +121,8 @@ def start_ours(
     }
     if weights is not None:
         env["PIGGY_BACKBONE_WEIGHTS"] = weights
-    argv = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "piggyback_serve.server", "--port", str(port)]
+    argv += ["--log-level", "warning"]
     return Proc(argv, env, workdir / f"{tag}-{port}.log", port)
 
 

@@ -32,11 +32,9 @@ from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios.serving import summary
 from bench.stats import Spread, ratios
+from tests.ray.ray_support import RayServe, replica_pid
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "ray"))
-from ray_support import RayServe, replica_pid  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "ray_proxy.md"
 REPLACE_GIVE_UP_S = 300.0
 # bench/run.py's first CPU config: the demo backbone, its real weights.

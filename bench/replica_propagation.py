@@ -24,17 +24,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import load_backbone
+from tests.redis.compose_env import replica
+from tests.redis.redis_support import RedisServer, free_port
+from tests.redis.redis_support import replica as start_replica
+from tests.server.server_support import Reference, make_artifact, png
+
 ROOT = Path(__file__).resolve().parents[1]
-# The tests' helpers: the private Redis, the compose environment, artifacts, references.
-sys.path[:0] = [str(ROOT / "tests" / "redis"), str(ROOT / "tests" / "server")]
-
-from compose_env import replica  # noqa: E402
-from redis_support import RedisServer, free_port  # noqa: E402
-from redis_support import replica as start_replica  # noqa: E402
-from server_support import Reference, make_artifact, png  # noqa: E402
-
-from masks import artifact as artifacts  # noqa: E402
-from masks.backbones import load_backbone  # noqa: E402
 
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/octet-stream"}

@@ -32,7 +32,7 @@ from bench import artifact_size, families, multitask, report, workers
 from bench.bed import Bed, Options
 from bench.fixtures import Config
 from bench.scenarios import cold, cost, fairness, peers, serving
-from masks import demo
+from piggyback_serve.masks import demo
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -32,11 +32,11 @@ from PIL import Image
 
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
-from masks import artifact as artifacts
-from server.engine import EnginePool, Row, Worker
-from server.engine.config import WorkerConfig
-from server.engine.layout import Template
-from server.settings import Settings
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.server.engine import EnginePool, Row, Worker
+from piggyback_serve.server.engine.config import WorkerConfig
+from piggyback_serve.server.engine.layout import Template
+from piggyback_serve.server.settings import Settings
 
 CONFIGS = [
     Config("efficientnet_lite0", None, 64, 8, 8),

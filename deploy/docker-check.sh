@@ -201,8 +201,7 @@ first_answer() {
     probe seeded --lb "$LB" --tasks "$DEMO_TASKS" --timeout 300 || return 1
     "$PY" - "$LB" <<'EOF' || return 1
 import sys, httpx
-sys.path.insert(0, "deploy")
-from docker_probe import predict, test_image
+from deploy.docker_probe import predict, test_image
 r = predict(httpx.Client(base_url=sys.argv[1], timeout=60), "digits", test_image())
 r.raise_for_status()
 EOF
@@ -213,7 +212,7 @@ host_server() {
     local port
     port=$(free_port)
     HOST_URL=http://127.0.0.1:$port
-    PIGGY_HOME="$WORK/home" "$PY" -m server --demo --host 127.0.0.1 --port "$port" \
+    PIGGY_HOME="$WORK/home" "$PY" -m piggyback_serve.server --demo --host 127.0.0.1 --port "$port" \
         >"$WORK/host.log" 2>&1 &
     HOST_PID=$!
     probe ready --lb "$HOST_URL" --timeout 180 >/dev/null || { tail -n 20 "$WORK/host.log" >&2; return 1; }
@@ -260,12 +259,12 @@ gpu_file() {
 # --- the run ---------------------------------------------------------------------------
 
 [ -x "$PY" ] || PY=$(command -v python3)
-"$PY" -c 'import httpx, server' 2>/dev/null \
+"$PY" -c 'import httpx, piggyback_serve.server' 2>/dev/null \
     || fail "$PY cannot import the project (set PIGGY_CHECK_PYTHON to its venv's python)"
 TOKEN=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
 LB_PORT=$(free_port)
 LB=http://127.0.0.1:$LB_PORT
-DEMO_TASKS=$(cd masks/demo_tasks && ls ./*.safetensors | sed 's|^\./||; s|\.safetensors$||' | paste -sd, -)
+DEMO_TASKS=$(cd src/piggyback_serve/masks/demo_tasks && ls ./*.safetensors | sed 's|^\./||; s|\.safetensors$||' | paste -sd, -)
 USE_REGISTRY=""
 
 step "docker clients" pick_clients

@@ -7,7 +7,7 @@ running Compose stack (through nginx) and prints its figures; exit status 1 on f
     python deploy/docker_probe.py upload  --lb URL --token T --file F --docker CMD --containers A,B
     python deploy/docker_probe.py crash   --lb URL --task T --docker CMD --container ID
 
-Plain httpx and the DESIGN.md API, so that it runs in the project's venv on the host.
+Plain httpx and the HTTP API (docs/serving.md), so that it runs in the project's venv on the host.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def check_upload(args) -> None:
             f"{figures}"
         )
     say(f"then, through nginx, a prediction with it takes {warm[3] * 1000:.0f} ms (median of 6)")
-    # DESIGN.md: every replica sees an upload within a second. The first prediction also
+    # docs/compose.md: every replica sees an upload within a second. The first prediction also
     # builds the task's patch on the replica: reported, and it must come at all.
     listed = max(s.get("listed", float("inf")) - uploaded for s in seen)
     if listed > args.within:

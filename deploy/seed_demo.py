@@ -3,7 +3,7 @@ already registered is left alone (an operator's own upload under that name wins)
 
 Run by the compose service `demo-seed`: python deploy/seed_demo.py FOLDER
 ($PIGGY_URL: the load balancer; $PIGGY_TOKEN: the admin token). Plain HTTP, the
-DESIGN.md API only, so that it depends on nothing but httpx.
+HTTP API (docs/serving.md) only, so that it depends on nothing but httpx.
 """
 
 from __future__ import annotations

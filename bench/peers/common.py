@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench.fixtures import FullModel, build_full_model
-from masks.backbones import resolve
-from masks.data import to_tensor
+from piggyback_serve.masks.backbones import resolve
+from piggyback_serve.masks.data import to_tensor
 
 
 def load_full_model(path: Path, backbone: str, num_features: int, n_labels: int, device: str):

@@ -14,7 +14,7 @@ import torch
 
 from bench import fixtures, loadgen
 from bench.bed import Bed, local_worker, sync
-from masks import artifact as artifacts
+from piggyback_serve.masks import artifact as artifacts
 
 
 def _timed(fn, device: str) -> float:

@@ -29,7 +29,7 @@ def bytes_on_disk(bed: Bed) -> dict:
 
 def redis_bytes(bed: Bed) -> dict:
     """Memory Redis spends per task, stored through our own Redis registry backend."""
-    from server.registry.redis import RedisRegistry
+    from piggyback_serve.server.registry.redis import RedisRegistry
 
     port = procs.free_port()
     try:

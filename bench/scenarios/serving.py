@@ -17,8 +17,8 @@ import torch
 
 from bench import fixtures
 from bench.bed import Bed, local_worker, sync
-from masks.backbones import build_classifier
-from server.engine import Row
+from piggyback_serve.masks.backbones import build_classifier
+from piggyback_serve.server.engine import Row
 
 VARIANTS = ("raw", "raw_cl", "engine", "http1", "http10", "http100")
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from bench import gpu, multitask
-from masks import artifact as artifacts
+from piggyback_serve.masks import artifact as artifacts
 
 
 def test_switch_off_more_switches_off_more_bits():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,12 +21,10 @@ import httpx
 import pytest
 import uvicorn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
-from server_support import BACKBONE, Reference, make_artifact, png, settings_for  # noqa: E402
-
-from masks import artifact as artifacts  # noqa: E402
-from masks.backbones import load_backbone  # noqa: E402
-from server.app import create_app  # noqa: E402
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import load_backbone
+from piggyback_serve.server.app import create_app
+from tests.server.server_support import BACKBONE, Reference, make_artifact, png, settings_for
 
 TOKEN = "t0ken"
 LABELS = {"alpha": 5, "beta": 7}  # task name -> number of labels

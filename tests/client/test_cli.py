@@ -7,9 +7,9 @@ import json
 import socket
 
 import pytest
-from live_server import TOKEN, png
 
-from client.cli import main
+from piggyback_serve.client.cli import main
+from tests.client.live_server import TOKEN, png
 
 
 @pytest.fixture

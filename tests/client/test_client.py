@@ -8,11 +8,11 @@ import io
 import socket
 
 import pytest
-from live_server import TOKEN, png
 from PIL import Image
 
-from client import AsyncClient, Client, Prediction, TaskInfo, TransportError
-from client.errors import AuthError, BadRequest, NotAnImage, NotFound
+from piggyback_serve.client import AsyncClient, Client, Prediction, TaskInfo, TransportError
+from piggyback_serve.client.errors import AuthError, BadRequest, NotAnImage, NotFound
+from tests.client.live_server import TOKEN, png
 
 
 @pytest.fixture

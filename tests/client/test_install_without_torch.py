@@ -1,14 +1,16 @@
-"""The client installs and runs without torch (or Pillow): a fresh venv gets the project's
-base dependencies only (httpx), then imports the client and talks to a real server."""
+"""The base install is the client alone: a fresh venv gets one import package,
+`piggyback_serve`, and the base dependencies only (httpx, no torch or Pillow), then imports
+the client and talks to a real server."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
-from live_server import png
+from tests.client.live_server import png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,15 +24,18 @@ def run(*cmd: str | Path, timeout: float = 120) -> str:
 
 
 def test_client_installs_and_runs_without_torch(tmp_path, live):
-    # Build from a copy holding only what the base install needs: client/ and the metadata.
-    src = tmp_path / "src"
+    # Build from a copy of what `pip install .` reads (the checkout may hold build leftovers).
+    src = tmp_path / "checkout"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "client", src / "client", ignore=shutil.ignore_patterns("__pycache__"))
+    leftovers = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", src / "src", ignore=leftovers)
     pip = (sys.executable, "-m", "pip")
     run(*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheels", src)
     (wheel,) = (tmp_path / "wheels").glob("piggyback_serve-*.whl")
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"piggyback_serve"}, tops
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
@@ -45,10 +50,13 @@ def test_client_installs_and_runs_without_torch(tmp_path, live):
     image.write_bytes(png(7))
     script = f"""
 import sys
-from client import Client
+from piggyback_serve.client import Client
 with Client({live.url!r}) as c:
     answer = c.predict("alpha", {str(image)!r})
 assert "torch" not in sys.modules and "PIL" not in sys.modules
+import importlib.util
+for generic in ("masks", "server", "client"):  # nothing of ours under a generic name
+    assert importlib.util.find_spec(generic) is None, generic
 print(answer.results[0].label)
 """
     assert run(python, "-c", script).strip().startswith("alpha-")

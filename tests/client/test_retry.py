@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from client import AsyncClient, Client, Retry
-from client.client import retry_after
-from client.errors import Unavailable
+from piggyback_serve.client import AsyncClient, Client, Retry
+from piggyback_serve.client.client import retry_after
+from piggyback_serve.client.errors import Unavailable
 
 OK = {
     "task": "t",

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from deploy import docker_probe
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "docker-check.sh"
-sys.path.insert(0, str(ROOT / "deploy"))
-
-import docker_probe  # noqa: E402
 
 
 def test_script_parses_and_stops_what_it_starts():

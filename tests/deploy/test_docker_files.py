@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from server.settings import Settings
+from piggyback_serve.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = set(Settings.model_fields)
@@ -92,16 +92,16 @@ def test_every_copied_path_exists_and_is_not_dockerignored():
             assert (ROOT / source).exists(), source
             top = source.split("/")[0]
             assert top not in ignored, f"{source} is excluded by .dockerignore"
-    for needed in ("masks", "server", "client", "pyproject.toml", "README.md", "deploy"):
+    for needed in ("src", "pyproject.toml", "README.md", "deploy"):
         assert needed not in ignored
     # The demo tasks travel as package data: the non-editable install must carry them.
-    assert list((ROOT / "masks" / "demo_tasks").glob("*.safetensors"))
+    assert list((ROOT / "src" / "piggyback_serve" / "masks" / "demo_tasks").glob("*.safetensors"))
 
 
 def test_dependency_layer_comes_before_the_source():
     steps = [f"{w} {a}" for w, a in dockerfile()]
     deps = next(i for i, s in enumerate(steps) if re.search(r"pip install .*'\.\[server\]'", s))
-    source = next(i for i, s in enumerate(steps) if s.startswith("COPY masks"))
+    source = next(i for i, s in enumerate(steps) if s.startswith("COPY src"))
     # pyproject.toml alone (a README edit must not rebuild the dependency layer).
     assert steps[deps - 1] == "COPY pyproject.toml ./" and deps < source
     assert "touch README.md" in steps[deps]
@@ -115,8 +115,8 @@ def test_dependency_layer_comes_before_the_source():
 
 
 def test_commands_exist_and_take_their_arguments():
-    from masks.cli import parser as masks_parser
-    from server.cli import parser as serve_parser
+    from piggyback_serve.masks.cli import parser as masks_parser
+    from piggyback_serve.server.cli import parser as serve_parser
 
     cmd = exec_form(instructions("CMD")[-1])
     assert cmd[0] in console_scripts()
@@ -180,7 +180,7 @@ def test_replica_environment_is_valid_settings(monkeypatch):
 
 
 def test_replica_command_and_healthcheck():
-    from server.cli import parser as serve_parser
+    from piggyback_serve.server.cli import parser as serve_parser
 
     piggy = compose()["services"]["piggy"]
     assert piggy["command"][0] in console_scripts()

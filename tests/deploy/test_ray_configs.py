@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server import ray_app
-from server.settings import Settings
+from piggyback_serve.server import ray_app
+from piggyback_serve.server.settings import Settings
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,8 @@ def test_the_serve_config_passes_rays_schema_and_builds_our_app():
 
     schema = ServeDeploySchema.model_validate(serve_config())
     (application,) = schema.applications
-    assert application.import_path == "server.ray_app:app" and application.route_prefix == "/"
+    assert application.import_path == "piggyback_serve.server.ray_app:app"
+    assert application.route_prefix == "/"
     module, name = application.import_path.split(":")
     assert getattr(__import__(module, fromlist=[name]), name) is ray_app.app
     assert isinstance(ray_app.app(application.args), Application)

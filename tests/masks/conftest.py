@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from masks.backbones import load_backbone
+from piggyback_serve.masks.backbones import load_backbone
 
 
 @pytest.fixture(scope="session")

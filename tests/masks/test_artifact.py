@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from masks import artifact, codec, inference
-from masks.errors import ArtifactError
-from masks.layers import PiggybackModel
+from piggyback_serve.masks import artifact, codec, inference
+from piggyback_serve.masks.errors import ArtifactError
+from piggyback_serve.masks.layers import PiggybackModel
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (9,), (13,), (3, 5, 7), (1000003,)])

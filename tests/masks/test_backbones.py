@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from masks.backbones import build_classifier, fingerprint, load_backbone
-from masks.data import to_tensor
-from masks.errors import BackboneError
+from piggyback_serve.masks.backbones import build_classifier, fingerprint, load_backbone
+from piggyback_serve.masks.data import to_tensor
+from piggyback_serve.masks.errors import BackboneError
 
 
 def test_efficientnet_lite0_has_the_documented_maskable_weights(lite0):
@@ -107,7 +107,7 @@ def test_unsupported_or_unknown_models_are_refused_by_name(name, says):
 
 
 def test_weight_tied_models_are_refused():
-    from masks.backbones import check_supported
+    from piggyback_serve.masks.backbones import check_supported
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     model[1].weight = model[0].weight

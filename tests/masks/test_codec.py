@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from masks import codec
-from masks.codec import BITMAP, ELIAS_FANO, CodingError, Mask
+from piggyback_serve.masks import codec
+from piggyback_serve.masks.codec import BITMAP, ELIAS_FANO, CodingError, Mask
 
 
 def _positions(numel: int, fraction: float, seed: int = 0) -> np.ndarray:

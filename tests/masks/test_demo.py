@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from masks import artifact, data, demo, inference
-from masks.errors import ArtifactError
+from piggyback_serve.masks import artifact, data, demo, inference
+from piggyback_serve.masks.errors import ArtifactError
 
 BUNDLED = sorted(demo.BUNDLED_DIR.glob("*.safetensors"))
 
@@ -40,7 +40,7 @@ def test_bundled_task_reaches_its_recorded_accuracy(path, lite0):
 def test_demo_command_installs_validated_tasks(tmp_path):
     env = {**os.environ, "PIGGY_HOME": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "masks", "demo"],
+        [sys.executable, "-m", "piggyback_serve.masks", "demo"],
         env=env,
         capture_output=True,
         text=True,

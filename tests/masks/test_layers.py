@@ -4,9 +4,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from masks import artifact, inference
-from masks.backbones import build_classifier
-from masks.layers import DEFAULT_THRESHOLD, PiggybackModel, binarize
+from piggyback_serve.masks import artifact, inference
+from piggyback_serve.masks.backbones import build_classifier
+from piggyback_serve.masks.layers import DEFAULT_THRESHOLD, PiggybackModel, binarize
 
 
 def test_binarize_thresholds_strictly():

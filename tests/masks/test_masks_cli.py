@@ -1,8 +1,7 @@
 import json
 
-from test_artifact import make_artifact
-
-from masks import artifact, cli
+from piggyback_serve.masks import artifact, cli
+from tests.masks.test_artifact import make_artifact
 
 
 def test_convert_to_format_2_and_back_keeps_the_task(tmp_path, lite0, capsys):

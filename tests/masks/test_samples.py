@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from masks import data, demo, samples
+from piggyback_serve.masks import data, demo, samples
 
 NATIVE = {"mnist": (28, 28), "digits": (8, 8), "faces": (25, 25), "fashion_mnist": (28, 28)}
 SHIPPED = samples.sample_files()
@@ -51,7 +51,7 @@ def test_rebuild_writes_the_shipped_files_again(tmp_path):
 def test_samples_command_lists_and_copies(tmp_path):
     def cli(*args):
         out = subprocess.run(
-            [sys.executable, "-m", "masks", "samples", *args],
+            [sys.executable, "-m", "piggyback_serve.masks", "samples", *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from masks import data, train
-from masks.backbones import Backbone
+from piggyback_serve.masks import data, train
+from piggyback_serve.masks.backbones import Backbone
 
 
 def tiny_backbone() -> Backbone:

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from masks import artifact, data, train
-from masks.cli import main
+from piggyback_serve.masks import artifact, data, train
+from piggyback_serve.masks.cli import main
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
     assert art.labels == ["face", "non-face"] and art.task == "faces"
     assert art.metrics["config"]["min_steps"] == 0
     inspect = subprocess.run(
-        [sys.executable, "-m", "masks", "inspect", str(out)],
+        [sys.executable, "-m", "piggyback_serve.masks", "inspect", str(out)],
         capture_output=True,
         text=True,
         check=True,
@@ -116,7 +116,7 @@ def test_cli_reports_bad_data_cleanly(capsys):
 def test_folder_images_are_read_upright_as_the_server_reads_them(tmp_path):
     from PIL import Image
 
-    from server.preprocess import decode
+    from piggyback_serve.server.preprocess import decode
 
     image = Image.new("RGB", (40, 20), "white")
     image.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from live_server import LABELS, png
 from PIL import Image
 
-from masks.data import to_tensor
+from piggyback_serve.masks.data import to_tensor
+from tests.client.live_server import LABELS, png
 
 
 @pytest.fixture

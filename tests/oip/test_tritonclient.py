@@ -8,10 +8,10 @@ import io
 
 import numpy as np
 import pytest
-from live_server import png
 from PIL import Image
 
-from masks.data import to_tensor
+from piggyback_serve.masks.data import to_tensor
+from tests.client.live_server import png
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -3,20 +3,17 @@ private Redis, shared by the module (starting Ray is most of the time these test
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import load_backbone
+from tests.ray.ray_support import TOKEN, RayServe
+from tests.redis.redis_support import RedisServer
+from tests.server.server_support import BACKBONE, Reference, make_artifact
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "server"), str(HERE.parent / "redis")]
-
-from ray_support import TOKEN, RayServe  # noqa: E402
-from redis_support import RedisServer  # noqa: E402
-from server_support import BACKBONE, Reference, make_artifact  # noqa: E402
-
-from masks import artifact as artifacts  # noqa: E402
-from masks.backbones import load_backbone  # noqa: E402
 
 TASKS = ("alpha", "beta")
 

@@ -45,7 +45,8 @@ class RayServe:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="pgray", dir="/tmp"))
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("PIGGY_", "RAY_"))}
         environ.update(env, RAY_TMPDIR=str(self.ray_tmp), RAY_USAGE_STATS_ENABLED="0")
-        argv = [sys.executable, "-m", "server", "--ray", "--replicas", str(replicas)]
+        argv = [sys.executable, "-m", "piggyback_serve.server", "--ray"]
+        argv += ["--replicas", str(replicas)]
         argv += ["--replica-cpus", str(replica_cpus), "--port", str(self.port), *extra_args]
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()

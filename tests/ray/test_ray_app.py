@@ -14,9 +14,10 @@ import time
 
 import httpx
 import pytest
-from ray_support import TOKEN, replica_pid
-from redis_support import eventually
-from server_support import png
+
+from tests.ray.ray_support import TOKEN, replica_pid
+from tests.redis.redis_support import eventually
+from tests.server.server_support import png
 
 pytestmark = pytest.mark.ray
 AUTH = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/octet-stream"}
@@ -128,7 +129,7 @@ def test_a_folder_registry_with_replicas_on_a_cluster_is_a_startup_error(tmp_pat
     """Checked before Ray is reached: the address below has no Ray behind it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
     env.update(RAY_ADDRESS="127.0.0.1:9", PIGGY_REGISTRY=f"dir:{tmp_path}")
-    argv = [sys.executable, "-m", "server", "--ray", "--replicas", "2"]
+    argv = [sys.executable, "-m", "piggyback_serve.server", "--ray", "--replicas", "2"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "folder registry" in r.stderr and "redis://" in r.stderr

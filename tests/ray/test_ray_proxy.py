@@ -9,8 +9,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from server.ray_app import RayConfigError, actor_options, check_registry, max_replicas
-from server.ray_proxy import ProxyErrorsAsJson, middlewares
+from piggyback_serve.server.ray_app import (
+    RayConfigError,
+    actor_options,
+    check_registry,
+    max_replicas,
+)
+from piggyback_serve.server.ray_proxy import ProxyErrorsAsJson, middlewares
 
 pytestmark = pytest.mark.anyio
 
@@ -116,7 +121,7 @@ def test_one_gpu_per_replica_where_there_are_gpus():
 def test_our_metrics_reach_rays_gauges_per_replica(monkeypatch):
     from prometheus_client import CollectorRegistry, Counter
 
-    from server import ray_metrics
+    from piggyback_serve.server import ray_metrics
 
     made = {}
 

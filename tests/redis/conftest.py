@@ -3,19 +3,12 @@ and artifacts (shared helpers from tests/server/server_support.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-
-from redis_support import RedisServer  # noqa: E402
-from server_support import BACKBONE, make_artifact  # noqa: E402
-
-from masks import artifact as artifacts  # noqa: E402
-from masks.backbones import Backbone, load_backbone  # noqa: E402
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import Backbone, load_backbone
+from tests.redis.redis_support import RedisServer
+from tests.server.server_support import BACKBONE, make_artifact
 
 
 @pytest.fixture

@@ -74,7 +74,7 @@ class RedisServer:
 
 def serve_command() -> list[str]:
     script = shutil.which("piggy-serve", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "server"]
+    return [script] if script else [sys.executable, "-m", "piggyback_serve.server"]
 
 
 @contextmanager

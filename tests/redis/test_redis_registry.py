@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from server.registry import RegistryError, open_registry
-from server.registry.redis import RedisRegistry
+from piggyback_serve.server.registry import RegistryError, open_registry
+from piggyback_serve.server.registry.redis import RedisRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -13,15 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import compose_env
 import pytest
-from compose_env import replica
-from redis_support import RedisServer, eventually, free_port
-from redis_support import replica as start_replica
-from server_support import Reference, png
 
-from masks import artifact as artifacts
-from masks.backbones import load_backbone
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import load_backbone
+from tests.redis import compose_env
+from tests.redis.compose_env import replica
+from tests.redis.redis_support import RedisServer, eventually, free_port
+from tests.redis.redis_support import replica as start_replica
+from tests.server.server_support import Reference, png
 
 TOKEN = "compose-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

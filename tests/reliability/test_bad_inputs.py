@@ -17,12 +17,12 @@ from hypothesis import settings as examples
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save
-from server_support import make_artifact, png, png_header, serving, settings_for
 
-from masks import artifact as artifacts
-from masks import codec
-from server.errors import PayloadTooLarge
-from server.preprocess import decode
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks import codec
+from piggyback_serve.server.errors import PayloadTooLarge
+from piggyback_serve.server.preprocess import decode
+from tests.server.server_support import make_artifact, png, png_header, serving, settings_for
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)

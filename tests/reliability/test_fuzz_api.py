@@ -14,9 +14,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from server_support import settings_for
 
-from server.app import create_app
+from piggyback_serve.server.app import create_app
+from tests.server.server_support import settings_for
 
 EXAMPLES = 100  # per operation and mode: over 1,000 requests in all
 ADMIN = "Bearer fuzz-admin"

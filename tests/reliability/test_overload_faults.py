@@ -12,7 +12,8 @@ import threading
 import psutil
 import pytest
 import torch
-from server_support import blocked_engine, png, serving, settings_for, until
+
+from tests.server.server_support import blocked_engine, png, serving, settings_for, until
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_support import make_artifact, metric, png
-from test_e2e import command, free_port
 
-from masks import artifact as artifacts
+from piggyback_serve.masks import artifact as artifacts
+from tests.server.server_support import make_artifact, metric, png
+from tests.server.test_e2e import command, free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "sigterm-adm1n-t0ken"

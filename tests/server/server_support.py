@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from masks import inference
-from masks.artifact import TaskArtifact, pack_mask
-from masks.backbones import Backbone
-from masks.data import to_tensor
-from server.app import create_app
-from server.settings import Settings
+from piggyback_serve.masks import inference
+from piggyback_serve.masks.artifact import TaskArtifact, pack_mask
+from piggyback_serve.masks.backbones import Backbone
+from piggyback_serve.masks.data import to_tensor
+from piggyback_serve.server.app import create_app
+from piggyback_serve.server.settings import Settings
 
 BACKBONE = "resnet18"  # random-init (seeded), so tests need no weights and no network
 INPUT_SIZE = 32
@@ -191,8 +191,8 @@ def registry_fixtures(tasks: tuple[str, ...], folder_name: str):
 
     import pytest
 
-    from masks import artifact as artifacts
-    from masks.backbones import load_backbone
+    from piggyback_serve.masks import artifact as artifacts
+    from piggyback_serve.masks.backbones import load_backbone
 
     @pytest.fixture(scope="session")
     def backbone() -> Backbone:

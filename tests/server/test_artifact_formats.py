@@ -1,9 +1,9 @@
 """Format 1 files (written by earlier releases) upload and answer exactly as format 2."""
 
 import pytest
-from server_support import png, serving
 
-from masks import artifact as artifacts
+from piggyback_serve.masks import artifact as artifacts
+from tests.server.server_support import png, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from server_support import make_artifact
 
-from masks import artifact as artifacts
-from masks import data, inference, train
-from masks.backbones import NORM_LAYERS, build_classifier, load_backbone
-from server.engine.config import WorkerConfig
-from server.engine.worker import Row, Worker
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks import data, inference, train
+from piggyback_serve.masks.backbones import NORM_LAYERS, build_classifier, load_backbone
+from piggyback_serve.server.engine.config import WorkerConfig
+from piggyback_serve.server.engine.worker import Row, Worker
+from tests.server.server_support import make_artifact
 
 # name -> the input size the tests use (vision transformers take only their own).
 FAMILIES = {
@@ -132,10 +132,10 @@ def test_piggy_serve_serves_a_vit_trained_by_piggy_masks(tmp_path):
     import io
 
     from PIL import Image
-    from server_support import Reference
     from test_e2e import piggy_serve
 
-    from masks.cli import main as masks_cli
+    from piggyback_serve.masks.cli import main as masks_cli
+    from tests.server.server_support import Reference
 
     name = "timm:vit_small_patch16_224"
     weights = tmp_path / "weights.safetensors"
@@ -184,7 +184,7 @@ def test_piggy_serve_serves_a_vit_trained_by_piggy_masks(tmp_path):
 def test_a_per_task_norm_the_engine_cannot_apply_is_refused_by_name():
     """A LayerNorm with a zero in its weight has no exact ratio: a task with its own values
     there is refused (ArtifactError: a 422 on upload), not served wrong."""
-    from masks.errors import ArtifactError
+    from piggyback_serve.masks.errors import ArtifactError
 
     backbone = load_backbone("timm:convnext_atto", "random")
     with torch.no_grad():

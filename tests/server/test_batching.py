@@ -3,7 +3,8 @@
 import asyncio
 
 import pytest
-from server_support import TASKS, blocked_engine, metric, png, serving, settings_for
+
+from tests.server.server_support import TASKS, blocked_engine, metric, png, serving, settings_for
 
 pytestmark = pytest.mark.anyio
 

@@ -4,9 +4,9 @@ and through `piggy predict`: each gets its true label as top-1 from its task."""
 from __future__ import annotations
 
 import pytest
-from test_e2e import piggy, piggy_serve
 
-from masks import demo, samples
+from piggyback_serve.masks import demo, samples
+from tests.server.test_e2e import piggy, piggy_serve
 
 SHIPPED = samples.sample_files()
 pytestmark = [

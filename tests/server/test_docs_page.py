@@ -4,7 +4,8 @@ served by the app itself, from the fastapi-offline package's files."""
 from html.parser import HTMLParser
 
 import pytest
-from server_support import serving
+
+from tests.server.server_support import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -70,7 +71,7 @@ async def test_swagger_ui_is_current_and_points_at_the_spec(settings, backbone):
 
 
 async def test_docs_stay_open_when_tokens_are_set(tmp_path, registry_dir, backbone):
-    from server_support import settings_for
+    from tests.server.server_support import settings_for
 
     settings = settings_for(tmp_path, registry_dir, admin_token="adm", predict_token="prd")
     async with serving(settings, backbone) as client:

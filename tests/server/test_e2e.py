@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_support import TASKS, Reference, metric, png
 
-from masks import artifact as artifacts
-from masks import demo
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks import demo
+from tests.server.server_support import TASKS, Reference, metric, png
 
 STARTUP_S = 120
 
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def command() -> list[str]:
     script = shutil.which("piggy-serve", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "server"]
+    return [script] if script else [sys.executable, "-m", "piggyback_serve.server"]
 
 
 @contextmanager
@@ -143,7 +143,7 @@ def test_demo_mode_installs_and_serves_the_demo_tasks(tmp_path):
 
 def piggy(url: str, *args: str) -> subprocess.CompletedProcess:
     script = shutil.which("piggy", path=str(Path(sys.executable).parent))
-    cmd = [script] if script else [sys.executable, "-m", "client"]
+    cmd = [script] if script else [sys.executable, "-m", "piggyback_serve.client"]
     env = {**os.environ, "PIGGY_URL": url, "PIGGY_TOKEN": "t0ken"}
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=60)
 

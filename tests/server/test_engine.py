@@ -11,16 +11,16 @@ import random
 
 import pytest
 import torch
-from server_support import make_artifact
 from torch.func import functional_call
 
-from masks import inference
-from masks.backbones import BACKBONES, load_backbone
-from server.engine.config import WorkerConfig
-from server.engine.placement import place
-from server.engine.task_state import TaskState
-from server.engine.worker import Row, Worker
-from server.settings import Settings
+from piggyback_serve.masks import inference
+from piggyback_serve.masks.backbones import BACKBONES, load_backbone
+from piggyback_serve.server.engine.config import WorkerConfig
+from piggyback_serve.server.engine.placement import place
+from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.engine.worker import Row, Worker
+from piggyback_serve.server.settings import Settings
+from tests.server.server_support import make_artifact
 
 SIZE = 32
 # "third": past task_state.DENSE_FRACTION, a per-task engine keeps it as a bitmap.

@@ -1,10 +1,14 @@
-"""Every status code of DESIGN's table, each followed by a good request that still works."""
+"""Every status code of docs/serving.md's table, each followed by a good request that works."""
 
 import asyncio
 
 import pytest
 import torch
-from server_support import (
+
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.artifact import pack_mask
+from piggyback_serve.server.catalog import Catalog
+from tests.server.server_support import (
     blocked_engine,
     make_artifact,
     png,
@@ -13,10 +17,6 @@ from server_support import (
     settings_for,
     until,
 )
-
-from masks import artifact as artifacts
-from masks.artifact import pack_mask
-from server.catalog import Catalog
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
@@ -228,7 +228,7 @@ async def test_504_timeout(tmp_path, registry_dir, backbone, reference):
 async def test_503_not_ready_when_the_backbone_cannot_load(tmp_path, registry_dir):
     import httpx
 
-    from server.app import create_app
+    from piggyback_serve.server.app import create_app
 
     settings = settings_for(tmp_path, registry_dir, backbone_weights=str(tmp_path / "none.pt"))
     app = create_app(settings)

@@ -7,7 +7,10 @@ import signal
 
 import pytest
 import torch
-from server_support import (
+
+from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks.backbones import load_backbone
+from tests.server.server_support import (
     Reference,
     make_artifact,
     metric,
@@ -16,9 +19,6 @@ from server_support import (
     settings_for,
     until,
 )
-
-from masks import artifact as artifacts
-from masks.backbones import load_backbone
 
 pytestmark = pytest.mark.anyio
 
@@ -125,8 +125,8 @@ def test_large_batches_cross_the_pipe_under_uvloop(backbone):
     the event loop had made non-blocking once failed them as a lost worker)."""
     import uvloop
 
-    from server.engine import EnginePool, Row
-    from server.settings import Settings
+    from piggyback_serve.server.engine import EnginePool, Row
+    from piggyback_serve.server.settings import Settings
 
     art = make_artifact(backbone, "big", n_labels=3, seed=5, input_size=224)
     x = torch.randint(0, 256, (16, 3, 224, 224), dtype=torch.uint8)  # 2.4 MB

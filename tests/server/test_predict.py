@@ -1,7 +1,8 @@
 """POST /predict and GET /tasks in-process: answers equal the offline masked model's."""
 
 import pytest
-from server_support import TASKS, png, serving
+
+from tests.server.server_support import TASKS, png, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -1,9 +1,9 @@
 """X-Piggy-Replica: every answer names the process that gave it, without Ray too."""
 
 import pytest
-from server_support import png, serving
 
-from server.replica import replica_id
+from piggyback_serve.server.replica import replica_id
+from tests.server.server_support import png, serving
 
 pytestmark = pytest.mark.anyio
 

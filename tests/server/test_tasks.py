@@ -3,9 +3,9 @@
 import shutil
 
 import pytest
-from server_support import make_artifact, png, serving, until
 
-from masks import artifact as artifacts
+from piggyback_serve.masks import artifact as artifacts
+from tests.server.server_support import make_artifact, png, serving, until
 
 pytestmark = pytest.mark.anyio
 
@@ -110,7 +110,7 @@ async def test_path_like_names_get_the_invalid_name_error(settings, backbone, pa
 
 @pytest.mark.parametrize("token, admin", [(None, "open"), ("s3cret-token-xyz", "token")])
 async def test_open_admin_routes_are_loud(tmp_path, registry_dir, backbone, caplog, token, admin):
-    from server_support import settings_for
+    from tests.server.server_support import settings_for
 
     settings = settings_for(tmp_path / "home", registry_dir, admin_token=token)
     with caplog.at_level("WARNING", logger="piggy.serve"):

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.batcher import Batcher
-from server.catalog import Task
-from server.errors import Overloaded
-from server.metrics import Metrics
-from server.registry import open_registry, valid_name
-from server.settings import Settings
+from piggyback_serve.server.batcher import Batcher
+from piggyback_serve.server.catalog import Task
+from piggyback_serve.server.errors import Overloaded
+from piggyback_serve.server.metrics import Metrics
+from piggyback_serve.server.registry import open_registry, valid_name
+from piggyback_serve.server.settings import Settings
 
 
 @pytest.mark.parametrize("name", ["a", "flowers", "Task_2-b", "x" * 64])

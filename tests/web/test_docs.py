@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_page import pytestmark, start_chromium  # noqa: F401 - and its skip
+
+from tests.web.test_page import pytestmark, start_chromium  # noqa: F401 - and its skip
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402

@@ -1,7 +1,0 @@
-import sys
-
-from server.cli import main
-
-# Guarded: engine worker processes start from a fork server, which imports the main module.
-if __name__ == "__main__":
-    sys.exit(main())

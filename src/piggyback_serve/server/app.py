@@ -1,0 +1,120 @@
+"""The application factory: create_app(settings) wires the parts; the lifespan owns them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from piggyback_serve.masks.backbones import Backbone
+from piggyback_serve.server import auth, errors
+from piggyback_serve.server.batcher import Batcher
+from piggyback_serve.server.catalog import Catalog
+from piggyback_serve.server.engine import EnginePool
+from piggyback_serve.server.metrics import Metrics, RequestCounter
+from piggyback_serve.server.registry import REMOTE_SCHEMES, open_registry
+from piggyback_serve.server.replica import ReplicaHeader
+from piggyback_serve.server.routes import docs, oip, page, routers
+from piggyback_serve.server.settings import Settings
+from piggyback_serve.server.state import Services
+
+log = logging.getLogger("piggy.serve")
+
+DESCRIPTION = """Many image classifiers ("tasks") on one frozen backbone: each task is a
+binary mask over the backbone's weights plus a small head (Piggyback).
+Errors answer `{"error": {"code": "...", "message": "..."}}`."""
+
+
+def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
+    """A new app; `backbone` lets a caller that already loaded one (the CLI, tests) share it."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc = _services(settings, backbone)
+        app.state.services = svc
+        svc.batcher.start()
+        # The backbone loads in the background so /healthz and /readyz answer meanwhile.
+        svc.background.append(asyncio.create_task(_start(svc), name="piggy-startup"))
+        try:
+            yield
+        finally:
+            for task in svc.background:
+                task.cancel()
+            await asyncio.gather(*svc.background, return_exceptions=True)
+            await svc.batcher.close()
+            await svc.engine.close()
+            await svc.registry.close()
+
+    app = FastAPI(
+        title="piggyback-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: server/routes/docs.py, offline
+        redoc_url=None,
+    )
+    errors.install(app)
+    for router in (*routers, oip.router, page.router, docs.router):
+        app.include_router(router)
+    app.mount("/web", page.assets(), name="web")
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
+    app.add_middleware(RequestCounter)
+    if settings.cors_origin_list:  # off unless asked for: no CORS header is ever sent
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Inference-Header-Content-Length"],
+            expose_headers=["Retry-After", "Inference-Header-Content-Length", "X-Piggy-Replica"],
+        )
+    app.add_middleware(ReplicaHeader)  # added last: outermost, so every answer carries it
+    return app
+
+
+def _services(settings: Settings, backbone: Backbone | None) -> Services:
+    metrics = Metrics()
+    engine = EnginePool(settings, backbone)
+    batcher = Batcher(
+        engine, metrics, settings.max_batch_size, settings.max_delay_ms / 1000, settings.queue_size
+    )
+    svc = Services(
+        settings=settings,
+        metrics=metrics,
+        engine=engine,
+        registry=open_registry(
+            settings.registry_url, settings.redis_prefix, settings.redis_timeout_s
+        ),
+        batcher=batcher,
+    )
+    metrics.watch(svc.snapshot)
+    return svc
+
+
+async def _start(svc: Services) -> None:
+    auth.warn_if_admin_open(svc.settings)
+    try:
+        if not svc.registry.url.startswith(REMOTE_SCHEMES):
+            await svc.registry.ping()
+        loaded = await svc.engine.start()
+    except Exception as exc:
+        svc.startup_error = f"{type(exc).__name__}: {exc}"
+        log.error("startup failed: %s", svc.startup_error)
+        return
+    # A remote registry that is down at startup is an outage like any later one: the
+    # catalog records it (/readyz says so) and the watcher keeps trying until it returns.
+    catalog = Catalog(svc.registry, loaded, svc.engine.prepare, on_change=svc.engine.forget)
+    await catalog.refresh()
+    svc.catalog = catalog
+    log.info(
+        "ready: backbone %s, %d engine workers on %s, %d tasks from %s",
+        loaded.name,
+        svc.engine.alive,
+        svc.engine.device,
+        len(catalog.tasks),
+        svc.registry.url,
+    )
+    svc.background.append(asyncio.create_task(catalog.watch(svc.settings.registry_rescan_s)))

@@ -1,0 +1,338 @@
+"""The engine pool: the workers (one process each) and what they share.
+
+The pool loads the backbone once, folds it into a `Template` (server/engine/layout.py) in
+shared memory and starts one worker process per placement (server/engine/placement.py)
+from a fork server, so that a worker starts in a fraction of a second and maps the
+pristine weights instead of copying them. Task states are built here once
+(`prepare`), in shared memory too, and reach a worker with the first batch it runs of
+that task, in the same message: a worker never meets a task it does not know. A removed
+task is forgotten by every worker that holds it.
+
+The batcher claims an idle worker for each batch (`claim`, preferring the one whose
+working copy already runs the batch's lead task), so that one batch runs per worker.
+A worker that dies (SIGKILL, out of memory) fails only the batch it was running
+(`WorkerDied`) and is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from piggyback_serve.masks.artifact import TaskArtifact
+from piggyback_serve.masks.backbones import Backbone, load_backbone
+from piggyback_serve.server.engine import process, task_state
+from piggyback_serve.server.engine.config import WorkerConfig
+from piggyback_serve.server.engine.geometry import Geometries
+from piggyback_serve.server.engine.layout import Template
+from piggyback_serve.server.engine.placement import place
+from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.engine.worker import Row, TaskKey
+from piggyback_serve.server.settings import Settings
+
+log = logging.getLogger("piggy.serve")
+
+START_TIMEOUT_S = 120.0
+RESTART_DELAY_S = 1.0  # before replacing a worker that died while starting
+
+
+class WorkerDied(RuntimeError):
+    """The worker running a batch exited before answering it."""
+
+
+class BatchError(RuntimeError):
+    """The worker raised while running a batch (it goes on serving)."""
+
+
+@dataclass
+class WorkerInfo:
+    """One worker as /readyz (its JSON body, server/schemas.py) and /metrics show it."""
+
+    index: int
+    device: str
+    pid: int | None
+    state: str  # starting, ready, failed, stopped
+    busy: bool
+    batches: int
+    switches: int
+    mixed: int
+    restarts: int
+
+
+class _Handle:
+    """The pool's side of one worker process."""
+
+    def __init__(self, config: WorkerConfig, process_, conn, restarts: int):
+        self.config, self.process, self.conn, self.restarts = config, process_, conn, restarts
+        self.state = "starting"
+        self.error: str | None = None
+        self.pid: int | None = None
+        self.known: set[TaskKey] = set()
+        self.pending: tuple[int, asyncio.Future] | None = None
+        self.patched: TaskKey | None = None
+        self.batches = self.switches = self.mixed = self.device_state_bytes = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "ready" and self.pending is None
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            self.config.index,
+            self.config.device,
+            self.pid,
+            self.state,
+            self.pending is not None,
+            self.batches,
+            self.switches,
+            self.mixed,
+            self.restarts,
+        )
+
+
+class EnginePool:
+    def __init__(self, settings: Settings, backbone: Backbone | None = None):
+        self.settings = settings
+        self.configs = place(settings)
+        self.device = torch.device(self.configs[0].device)
+        self.one_pass = self.configs[0].one_pass
+        self.backbone = backbone
+        self.template: Template | None = None
+        self.geometries: Geometries | None = None
+        self.on_idle: Callable[[], None] = lambda: None  # the batcher's wake-up
+        self._handles: dict[int, _Handle] = {}
+        self._ids = itertools.count()
+        self._context = multiprocessing.get_context("forkserver")
+        self._changed: asyncio.Event | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> Backbone:
+        """Load the backbone (once), fold it, start every worker and wait until they run."""
+        self._changed = asyncio.Event()
+        await asyncio.to_thread(self._load)
+        # The fork server (started with the first worker in this process) imports these
+        # once, so that each worker forked from it starts without importing torch or the
+        # model's library again.
+        model_module = type(self.template.module).__module__
+        self._context.set_forkserver_preload([process.__name__, model_module])
+        for config in self.configs:
+            self._spawn(config, restarts=0)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while any(h.state == "starting" for h in self._handles.values()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"engine workers not ready within {START_TIMEOUT_S:g}s")
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+        if not self.alive:
+            errors = {h.error for h in self._handles.values()}
+            raise RuntimeError(f"no engine worker started: {'; '.join(map(str, errors))}")
+        return self.backbone
+
+    def _load(self) -> None:
+        if self.backbone is None:
+            started = time.perf_counter()
+            name, weights = self.settings.backbone, self.settings.backbone_weights
+            self.backbone = load_backbone(name, weights)
+            log.info("backbone %s loaded in %.1fs", name, time.perf_counter() - started)
+        self.template = Template.of(self.backbone).share_memory()
+        if self.one_pass:
+            self.geometries = Geometries(self.template.module, self.template.layout.slots)
+
+    def _spawn(self, config: WorkerConfig, restarts: int) -> None:
+        ours, theirs = self._context.Pipe()
+        worker = self._context.Process(
+            target=process.main,
+            args=(theirs, config, self.template),
+            name=f"piggy-engine-{config.index}",
+            daemon=True,
+        )
+        worker.start()
+        theirs.close()
+        handle = _Handle(config, worker, ours, restarts)
+        self._handles[config.index] = handle
+        # A thread per worker reads its answers: the pipe stays a blocking socket (an event
+        # loop's reader, uvloop's, makes it non-blocking, and a large send then fails).
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=self._read, args=(handle, loop), name=f"piggy-pool-{config.index}", daemon=True
+        ).start()
+
+    async def close(self) -> None:
+        self._closing = True
+        for handle in self._handles.values():
+            with contextlib.suppress(OSError):
+                handle.conn.send(("stop",))
+        for handle in self._handles.values():
+            await asyncio.to_thread(handle.process.join, 5)
+            if handle.process.is_alive():
+                handle.process.kill()
+            handle.conn.close()
+            handle.state = "stopped"
+
+    # -- what the server reads -----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.template is not None and self.alive > 0
+
+    @property
+    def has_idle(self) -> bool:
+        return any(h.idle for h in self._handles.values())
+
+    @property
+    def alive(self) -> int:
+        return sum(h.state == "ready" for h in self._handles.values())
+
+    def workers(self) -> list[WorkerInfo]:
+        return [self._handles[i].info() for i in sorted(self._handles)]
+
+    @property
+    def working_copy_bytes(self) -> int:
+        """The workers' working copies and the pristine buffer they share."""
+        if self.template is None:
+            return 0
+        return self.template.base.nbytes * (1 + len(self._handles))
+
+    @property
+    def device_state_bytes(self) -> int:
+        return sum(h.device_state_bytes for h in self._handles.values())
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    def prepare(self, artifact: TaskArtifact) -> TaskState:
+        """A validated artifact's task state, in shared memory. Thread-safe."""
+        if self.template is None:
+            raise RuntimeError("the engine has not started")
+        geometries = self.geometries if self.one_pass else None  # tables for one pass only
+        return task_state.build(artifact, self.template.layout, geometries).share_memory_()
+
+    def forget(self, name: str) -> None:
+        """Every worker drops the states of every version of task `name` (deleted or
+        replaced). A batch already sent still runs with the state it was sent with."""
+        for handle in self._handles.values():
+            keys = [key for key in handle.known if key[0] == name]
+            if keys and handle.state == "ready":
+                handle.known.difference_update(keys)
+                self._send(handle, ("forget", keys))
+
+    # -- batches -------------------------------------------------------------------------
+
+    def claim(self, lead: TaskKey) -> _Handle | None:
+        """An idle worker for a batch led by task `lead` (the one whose copy runs it if
+        any), now marked busy; None when every worker is busy."""
+        idle = [h for h in self._handles.values() if h.idle]
+        if not idle:
+            return None
+        handle = next((h for h in idle if h.patched == lead), idle[0])
+        handle.pending = (next(self._ids), asyncio.get_running_loop().create_future())
+        return handle
+
+    async def run(self, handle: _Handle, rows: list[Row], pixels: torch.Tensor):
+        """Softmax probabilities per row from the claimed worker; it is idle again after."""
+        batch_id, future = handle.pending
+        new = {row.key: row.state for row in rows if row.key not in handle.known}
+        try:
+            self._send(handle, ("batch", batch_id, [r.key for r in rows], new, pixels.numpy()))
+            handle.known.update(new)
+            return await future
+        finally:
+            self.release(handle, batch_id)
+
+    def release(self, handle: _Handle, batch_id: int | None = None) -> None:
+        """The claimed worker is idle again (its batch `batch_id` answered, or none run)."""
+        if handle.pending is not None and batch_id in (None, handle.pending[0]):
+            handle.pending = None
+            self.on_idle()
+
+    async def predict(self, rows: list[Row], pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Claim a worker (waiting for one) and run a batch on it: for callers without a
+        batcher (benchmarks, tests)."""
+        while (handle := self.claim(rows[0].key)) is None:
+            self._changed.clear()
+            await self._changed.wait()
+        return await self.run(handle, rows, pixels)
+
+    def _send(self, handle: _Handle, message: tuple) -> None:
+        try:
+            handle.conn.send(message)
+        except OSError:  # its end is gone: the reader sees the EOF and replaces it
+            self._lost(handle)
+
+    # -- messages from the workers -------------------------------------------------------
+
+    def _read(self, handle: _Handle, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader thread of one worker: each answer goes to the loop, then the EOF."""
+        try:
+            while True:
+                message = handle.conn.recv()
+                loop.call_soon_threadsafe(self._dispatch, handle, message)
+        except (EOFError, OSError):
+            pass
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the pool closed with it
+            loop.call_soon_threadsafe(self._lost, handle)
+
+    def _dispatch(self, handle: _Handle, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            handle.state, handle.pid = "ready", message[1]
+            log.info("engine worker %d ready (pid %d)", handle.config.index, handle.pid)
+        elif kind == "failed":
+            handle.state, handle.error = "failed", message[1]
+            log.error("engine worker %d failed to start: %s", handle.config.index, message[1])
+        else:
+            batch_id, payload, stats = message[1], message[2], message[-1]
+            handle.batches, handle.switches, handle.mixed, handle.patched = stats[:4]
+            handle.device_state_bytes = stats[4]
+            pending = handle.pending
+            if pending is not None and pending[0] == batch_id and not pending[1].done():
+                if kind == "done":
+                    pending[1].set_result([torch.from_numpy(p) for p in payload])
+                else:
+                    pending[1].set_exception(BatchError(payload))
+        self._notify()
+
+    def _lost(self, handle: _Handle) -> None:
+        """The worker's pipe closed: fail its batch, replace it (unless closing)."""
+        if self._handles.get(handle.config.index) is not handle or handle.state == "stopped":
+            return
+        loop = asyncio.get_running_loop()
+        handle.conn.close()
+        handle.process.join(0.1)
+        code = handle.process.exitcode
+        was = handle.state
+        handle.state = "failed" if was == "failed" else "stopped"
+        if handle.pending is not None and not handle.pending[1].done():
+            handle.pending[1].set_exception(
+                WorkerDied(f"engine worker {handle.config.index} exited (code {code})")
+            )
+        self._notify()
+        if self._closing or was == "failed":  # one that cannot start is not retried
+            return
+        log.error(
+            "engine worker %d (pid %s) exited with %s; replacing it",
+            handle.config.index,
+            handle.pid,
+            code,
+        )
+        delay = RESTART_DELAY_S if was != "ready" else 0.0
+        loop.call_later(delay, self._replace, handle)
+
+    def _replace(self, handle: _Handle) -> None:
+        if not self._closing and self._handles.get(handle.config.index) is handle:
+            self._spawn(handle.config, restarts=handle.restarts + 1)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+        self.on_idle()

@@ -1,0 +1,114 @@
+"""Bytes to pixels off the event loop, at the task's own input size. The pixels stay uint8:
+the engine worker normalises them with the task's mean and std, per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import warnings
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from piggyback_serve.masks.artifact import TaskArtifact
+from piggyback_serve.masks.data import to_pixels, upright
+from piggyback_serve.server.errors import NotAnImage, PayloadTooLarge
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Images up to this many pixels (all of a request's together) decode on the event loop:
+# 128 x 128 decodes and resizes in well under a millisecond.
+INLINE_PIXELS = 128 * 128
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """A decoded image, or 415 (not an image) / 413 (too many pixels, decompression bomb)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            # Checked from the header, before a single pixel is decoded.
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"image has {width * height:,} pixels ({width}x{height}), over the limit "
+                    f"of {max_pixels:,} ({PIXELS_SETTING})"
+                )
+            image.load()
+            image = upright(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(str(exc), max_pixels) from None
+    except UnidentifiedImageError:
+        raise NotAnImage(f"not a supported image (accepted: {', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
+        raise NotAnImage(f"image could not be decoded: {exc}") from None
+    return image
+
+
+PIXELS_SETTING = "PIGGY_MAX_PIXELS"
+# Pillow's own words: "Image size (N pixels) exceeds limit of M pixels, could be ...".
+_BOMB_TEXT = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
+
+
+def _bomb(pillow_message: str, max_pixels: int) -> PayloadTooLarge:
+    """Pillow refused the image while opening it (its size is not known to us then): the
+    413 in our words, with the numbers Pillow's message carries, not Pillow's message."""
+    found = _BOMB_TEXT.search(pillow_message)
+    if found is None:
+        return PayloadTooLarge(
+            f"image has more pixels than the limit of {max_pixels:,} ({PIXELS_SETTING})"
+        )
+    pixels, pillow_limit = map(int, found.groups())
+    if pixels > max_pixels:
+        return PayloadTooLarge(
+            f"image has {pixels:,} pixels, over the limit of {max_pixels:,} ({PIXELS_SETTING})"
+        )
+    return PayloadTooLarge(  # PIGGY_MAX_PIXELS above Pillow's guard: the guard still holds
+        f"image has {pixels:,} pixels, over Pillow's decompression-bomb limit of "
+        f"{pillow_limit:,} ({PIXELS_SETTING} can lower the limit, not raise it past that)"
+    )
+
+
+def prepare(
+    blobs: list[bytes],
+    artifact: TaskArtifact,
+    max_pixels: int,
+    names: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
+    """Decode and run masks' own preprocessing, exactly as in training, up to the pixels.
+    With `names` (one per blob), an image's 413/415 starts with its name."""
+    tensors = []
+    for i, blob in enumerate(blobs):
+        try:
+            image = decode(blob, max_pixels)
+        except (NotAnImage, PayloadTooLarge) as exc:
+            if names is None:
+                raise
+            raise type(exc)(f"{names[i]}: {exc.message}") from None
+        tensors.append(to_pixels(image, artifact.input_size))
+    return tensors
+
+
+async def prepare_async(
+    blobs: list[bytes],
+    artifact: TaskArtifact,
+    max_pixels: int,
+    names: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
+    """`prepare` off the event loop; small images (their headers say at most INLINE_PIXELS
+    in all) decode on it, where a thread hop would cost more than decoding them."""
+    if sum(map(_claimed_pixels, blobs)) <= INLINE_PIXELS:
+        return prepare(blobs, artifact, max_pixels, names)
+    return await asyncio.to_thread(prepare, blobs, artifact, max_pixels, names)
+
+
+def _claimed_pixels(blob: bytes) -> int:
+    """Width x height from the image's header alone (past INLINE_PIXELS if unreadable:
+    `decode`, in the thread, says what is wrong with it)."""
+    try:
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:
+        return INLINE_PIXELS + 1
+    return width * height

@@ -1,0 +1,74 @@
+"""The JSON bodies of the HTTP API (docs/serving.md), as pydantic models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from piggyback_serve.server.catalog import Task
+from piggyback_serve.server.engine import WorkerInfo
+
+
+class Score(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ImageResult(BaseModel):
+    top: list[Score] = Field(description="highest score first")
+
+
+class Prediction(BaseModel):
+    task: str
+    results: list[ImageResult] = Field(description="one entry per image, in request order")
+    latency_ms: float
+
+
+class TaskInfo(BaseModel):
+    name: str = Field(description="the name the task is served under (the URL's)")
+    artifact_task: str = Field(description="the task name written in the artifact itself")
+    labels: list[str]
+    backbone: str
+    size_bytes: int
+    sparsity: float
+    input_size: int
+    metrics: dict
+
+    @classmethod
+    def of(cls, task: Task) -> TaskInfo:
+        art = task.artifact
+        return cls(
+            name=task.name,
+            artifact_task=art.task,
+            labels=art.labels,
+            backbone=art.backbone,
+            size_bytes=task.size_bytes,
+            sparsity=task.sparsity,
+            input_size=art.input_size,
+            metrics=art.metrics,
+        )
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class Health(BaseModel):
+    """GET /readyz when ready."""
+
+    status: str
+    backbone: str
+    registry: str
+    tasks: int
+    workers: list[WorkerInfo] = []  # the pool's own record of each engine worker
+
+
+class Liveness(BaseModel):
+    """GET /healthz: the process answers; how the admin routes are guarded."""
+
+    status: str
+    admin: Literal["open", "token"] = Field(
+        description="open: no PIGGY_ADMIN_TOKEN is set, anyone can upload and delete tasks"
+    )

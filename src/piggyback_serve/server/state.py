@@ -1,0 +1,65 @@
+"""What one app instance holds (on app.state.services): built in the lifespan, no globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from piggyback_serve.server.batcher import Batcher
+from piggyback_serve.server.catalog import Catalog
+from piggyback_serve.server.engine import EnginePool
+from piggyback_serve.server.errors import NotReady
+from piggyback_serve.server.metrics import Metrics
+from piggyback_serve.server.registry import Registry
+from piggyback_serve.server.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    engine: EnginePool
+    registry: Registry
+    batcher: Batcher
+    catalog: Catalog | None = None  # set once the backbone is loaded
+    startup_error: str | None = None
+    background: list = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog is not None and self.engine.ready
+
+    def require_catalog(self) -> Catalog:
+        if self.catalog is None:
+            why = self.startup_error or "the backbone is still loading"
+            raise NotReady(f"not ready: {why}", {"Retry-After": "1"})
+        return self.catalog
+
+    def snapshot(self) -> dict:
+        """Values exported to /metrics at scrape time (`workers`: one WorkerInfo each)."""
+        engine = self.engine
+        tasks = list(self.catalog.tasks.values()) if self.catalog else []
+        workers = engine.workers()
+        return {
+            "task_switches": sum(w.switches for w in workers),
+            "mixed_batches": sum(w.mixed for w in workers),
+            "task_state_bytes": sum(t.state.nbytes for t in tasks),
+            "device_task_state_bytes": engine.device_state_bytes,
+            "working_copy_bytes": engine.working_copy_bytes,
+            "tasks_registered": len(tasks),
+            "queue_depth": self.batcher.depth(),
+            "engine_workers": len(workers),
+            "engine_workers_alive": engine.alive,
+            "ready": float(self.ready and not self.catalog.registry_error),
+            "workers": workers,
+        }
+
+
+async def services(request: Request) -> Services:
+    """FastAPI dependency: this app's services (async: run inline, not in a thread pool)."""
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(services)]
