@@ -343,3 +343,19 @@ def test_missing_metadata_field_is_named(good):
     with pytest.raises(ArtifactError, match="threshold"):
         artifact.read(save(tensors, metadata=meta))
     assert json.loads(good.metadata()["labels"]) == ["a", "b", "c"]
+
+
+def test_description_travels_in_the_file_and_is_optional():
+    from piggyback_serve.masks.artifact import DESCRIPTION_MAX, check_description
+    from piggyback_serve.masks.demo import BUNDLED_DIR
+
+    art = artifact.read(BUNDLED_DIR / "mnist.safetensors")
+    assert "description" not in art.metadata()  # absent when empty: older files read the same
+    described = replace(art, description="a handwritten digit, white on black")
+    meta = described.metadata()
+    assert meta["description"] == "a handwritten digit, white on black"
+    assert artifact.read(artifact.to_bytes(described)).description == meta["description"]
+    with pytest.raises(ArtifactError, match="description"):
+        check_description("two\nlines")
+    with pytest.raises(ArtifactError, match="description"):
+        check_description("x" * (DESCRIPTION_MAX + 1))

@@ -17,6 +17,8 @@ Tensors
 Metadata (all strings)
     format ("1" or "2"), task, backbone, backbone_sha256, labels (JSON list), threshold,
     input_size, mean, std (JSON lists), metrics (JSON object), created (ISO 8601);
+    optional: description (one line, at most DESCRIPTION_MAX characters: what the task
+    expects as input, shown to users; absent when empty, so older files read the same);
     format 2 adds masks: JSON {coding: [[param, switched-off count, numel], ...]} listing
     every masked parameter once, codings in codec.CODINGS order (bitmap, then elias-fano;
     a coding with no parameter left out); the tensor `masks` holds the streams in that order
@@ -60,6 +62,7 @@ METADATA_FIELDS = (
     "created",
 )
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
+DESCRIPTION_MAX = 200
 
 
 def pack_mask(mask: torch.Tensor) -> Mask:
@@ -97,6 +100,7 @@ class TaskArtifact:
     metrics: dict = field(default_factory=dict)
     bn: dict[str, torch.Tensor] = field(default_factory=dict)  # "<bn>.<suffix>" -> tensor
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    description: str = ""  # one line: what the task expects as input ("" when not given)
 
     def __post_init__(self):
         self.masks = {
@@ -151,7 +155,7 @@ class TaskArtifact:
             "std": json.dumps(list(self.std)),
             "metrics": json.dumps(self.metrics),
             "created": self.created,
-        }
+        } | ({"description": self.description} if self.description else {})
 
 
 def _coded(masks: dict[str, Mask]) -> tuple[dict[str, list], np.ndarray]:
@@ -338,7 +342,25 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
         metrics=_json_field(meta, "metrics", dict),
         bn=bn,
         created=meta["created"],
+        description=_description(meta),
     )
+
+
+def check_description(text: str) -> str:
+    """A task's description as artifacts store it: one line, at most DESCRIPTION_MAX chars."""
+    text = text.strip()
+    if "\n" in text or "\r" in text:
+        raise ArtifactError("description", "must be one line")
+    if len(text) > DESCRIPTION_MAX:
+        raise ArtifactError("description", f"must be at most {DESCRIPTION_MAX} characters")
+    return text
+
+
+def _description(meta: dict[str, str]) -> str:
+    value = meta.get("description", "")
+    if not isinstance(value, str):
+        raise ArtifactError("description", "must be a string")
+    return check_description(value)
 
 
 def _is_mask_tensor(key: str, version: str) -> bool:
