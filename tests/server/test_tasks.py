@@ -50,13 +50,14 @@ async def test_files_added_and_removed_by_another_process(
     image = png(13)
     async with serving(settings, backbone) as client:
         shutil.copy(task_files["delta"], registry_dir / "late.safetensors")
-        # A miss rescans at once; no need to wait for the interval.
+        catalog = client.app.state.services.catalog
+        # Served after the next rescan (PIGGY_REGISTRY_RESCAN_S); a miss never waits for one.
+        await until(lambda: "late" in catalog.tasks, timeout_s=5)
         r = await client.post("/predict?task=late", content=image)
         assert r.status_code == 200, r.text
         reference.check("delta", image, r.json()["results"][0])
 
         (registry_dir / "beta.safetensors").unlink()
-        catalog = client.app.state.services.catalog
         await until(lambda: "beta" not in catalog.tasks, timeout_s=5)
         assert (await client.post("/predict?task=beta", content=image)).status_code == 404
         names = [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]

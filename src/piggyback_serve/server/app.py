@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
             for task in svc.background:
                 task.cancel()
             await asyncio.gather(*svc.background, return_exceptions=True)
+            if svc.catalog is not None:
+                await svc.catalog.close()
             await svc.batcher.close()
             await svc.engine.close()
             await svc.registry.close()
@@ -106,7 +108,13 @@ async def _start(svc: Services) -> None:
         return
     # A remote registry that is down at startup is an outage like any later one: the
     # catalog records it (/readyz says so) and the watcher keeps trying until it returns.
-    catalog = Catalog(svc.registry, loaded, svc.engine.prepare, on_change=svc.engine.forget)
+    catalog = Catalog(
+        svc.registry,
+        loaded,
+        svc.engine.prepare,
+        on_change=svc.engine.forget,
+        rescan_s=svc.settings.registry_rescan_s,
+    )
     await catalog.refresh()
     svc.catalog = catalog
     log.info(
@@ -117,4 +125,4 @@ async def _start(svc: Services) -> None:
         len(catalog.tasks),
         svc.registry.url,
     )
-    svc.background.append(asyncio.create_task(catalog.watch(svc.settings.registry_rescan_s)))
+    svc.background.append(asyncio.create_task(catalog.watch()))

@@ -1,7 +1,10 @@
 """The tasks this server knows: the registry's artifacts, parsed and validated once each.
 
 The registry may change under us (another process writing the folder, another replica),
-so the catalog rescans it on a short interval and whenever a name is missed.
+so the catalog rescans it on a short interval (Redis: when a change is announced). A name
+it does not know is answered from what it knows, never with a registry round trip: a miss
+only asks for a rescan in the background, at most one per interval, so that random names
+cannot keep the registry (or the lock uploads take) busy.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +63,7 @@ class Catalog:
         backbone: Backbone,
         prepare: Prepare,
         on_change: Callable[[str], None] = lambda name: None,
+        rescan_s: float = 1.0,
     ):
         self.registry = registry
         self.backbone = backbone
@@ -67,11 +72,15 @@ class Catalog:
         self.tasks: dict[str, Task] = {}
         self.registry_error: str | None = None
         self._rejected: dict[str, str] = {}  # version -> why, so a bad file is parsed once
-        self._lock = asyncio.Lock()
+        self.rescan_s = rescan_s  # PIGGY_REGISTRY_RESCAN_S: the shortest gap between rescans
+        self._lock = asyncio.Lock()  # rescans, uploads and deletes, one at a time
+        self._scanned_at = -math.inf  # loop time the last rescan was started or asked for
+        self._rescan: asyncio.Task | None = None  # the rescan a miss asked for
 
     async def refresh(self) -> None:
         """Bring the known tasks in line with the registry; keep serving if it is down."""
         async with self._lock:
+            self._scanned_at = _now()
             try:
                 entries = await self.registry.list()
                 for name in set(self.tasks) - set(entries):
@@ -122,18 +131,33 @@ class Catalog:
             self.on_change(name)
             log.info("task %s removed", name)
 
-    async def get(self, name: str) -> Task:
-        """The task called `name`; looks at the registry again before saying 404."""
+    def get(self, name: str) -> Task:
+        """The task called `name`, from what the catalog knows: no registry round trip, no
+        wait on the upload lock. A miss asks for a rescan (`rescan_soon`), then answers 404
+        (503 while the registry is down: whether the task exists can't be told)."""
         task = self.tasks.get(name)
-        if task is None:
-            await self.refresh()
-            task = self.tasks.get(name)
-        if task is None and self.registry_error:
-            # Can't tell whether it exists: say the registry is down, not that it's unknown.
+        if task is not None:
+            return task
+        self.rescan_soon()
+        if self.registry_error:
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
-        if task is None:
-            raise self.not_found(name)
-        return task
+        raise self.not_found(name)
+
+    def rescan_soon(self) -> None:
+        """Rescan in the background unless a rescan started less than `rescan_s` ago (the
+        watcher's included) or one is under way: a burst of misses costs one at most."""
+        if self._rescan is not None and not self._rescan.done():
+            return
+        if _now() - self._scanned_at < self.rescan_s:
+            return
+        self._scanned_at = _now()
+        self._rescan = asyncio.create_task(self._rescan_logged(), name="piggy-rescan")
+
+    async def _rescan_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # nobody awaits this task: say what went wrong here
+            log.exception("registry rescan failed")
 
     def not_found(self, name: str, shown: int = 10) -> TaskNotFound:
         """The 404 for `name`, saying which tasks there are and where to list them."""
@@ -169,17 +193,31 @@ class Catalog:
             self._forget(name)
             return removed
 
-    async def watch(self, interval_s: float) -> None:
-        """Rescan forever (run as a background task): every interval_s, or as soon as the
+    async def watch(self) -> None:
+        """Rescan forever (run as a background task): every `rescan_s`, or as soon as the
         registry announces a change when it can (Redis: pub/sub and a version counter)."""
         wait_change = getattr(self.registry, "wait_change", None)
         while True:
             try:
                 if wait_change is None:
-                    await asyncio.sleep(interval_s)  # a folder can't tell us: poll it
-                elif not await wait_change(interval_s) and not self.registry_error:
+                    # A folder can't tell us: poll it, `rescan_s` after the last rescan
+                    # (one a miss asked for counts).
+                    await asyncio.sleep(max(0.0, self._scanned_at + self.rescan_s - _now()))
+                    if _now() - self._scanned_at < self.rescan_s:
+                        continue
+                elif not await wait_change(self.rescan_s) and not self.registry_error:
                     continue
                 await self.refresh()
             except Exception:  # a bad rescan must not end the watcher
                 log.exception("registry rescan failed")
-                await asyncio.sleep(interval_s)
+                await asyncio.sleep(self.rescan_s)
+
+    async def close(self) -> None:
+        """Cancel a rescan a miss started (the app's lifespan ends)."""
+        if self._rescan is not None:
+            self._rescan.cancel()
+            await asyncio.gather(self._rescan, return_exceptions=True)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()

@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# The `task` label of a request that named no known task: not a valid task name, so it can't
+# be mistaken for one, and random names in requests add no label values.
+UNKNOWN_TASK = "(unknown)"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -55,6 +58,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def note_task(request, name: str) -> None:
+    """Record the task a request is for, as its `task` label (RequestMetrics reads it)."""
+    request.state.task = name
 
 
 class _StateCollector(Collector):

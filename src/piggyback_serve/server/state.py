@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from piggyback_serve.server.batcher import Batcher
-from piggyback_serve.server.catalog import Catalog
+from piggyback_serve.server.catalog import Catalog, Task
 from piggyback_serve.server.engine import EnginePool
-from piggyback_serve.server.errors import NotReady
-from piggyback_serve.server.metrics import Metrics
+from piggyback_serve.server.errors import NotReady, TaskNotFound
+from piggyback_serve.server.metrics import UNKNOWN_TASK, Metrics, note_task
 from piggyback_serve.server.registry import Registry
 from piggyback_serve.server.settings import Settings
 
@@ -36,6 +36,18 @@ class Services:
             why = self.startup_error or "the backbone is still loading"
             raise NotReady(f"not ready: {why}", {"Retry-After": "1"})
         return self.catalog
+
+    def find_task(self, request: Request, name: str) -> Task:
+        """The task a request names (404 unknown, 503 not ready or registry down), noted on
+        the request for the metrics; a name that is no task is noted as UNKNOWN_TASK, so
+        that random names add no label values."""
+        try:
+            task = self.require_catalog().get(name)
+        except TaskNotFound:
+            note_task(request, UNKNOWN_TASK)
+            raise
+        note_task(request, task.name)
+        return task
 
     def snapshot(self) -> dict:
         """Values exported to /metrics at scrape time (`workers`: one WorkerInfo each)."""

@@ -131,8 +131,8 @@ async def models(svc: ServicesDep) -> dict:
 
 
 @router.get("/models/{name}", summary="Model metadata: inputs, outputs, labels")
-async def model_metadata(name: str, svc: ServicesDep) -> dict:
-    task = await svc.require_catalog().get(name)
+async def model_metadata(name: str, request: Request, svc: ServicesDep) -> dict:
+    task = svc.find_task(request, name)
     art, size = task.artifact, task.artifact.input_size
     return {
         "name": task.name,
@@ -156,8 +156,8 @@ async def model_metadata(name: str, svc: ServicesDep) -> dict:
 
 
 @router.get("/models/{name}/ready", summary="Model ready: 200 when the task is served")
-async def model_ready(name: str, svc: ServicesDep) -> dict:
-    task = await svc.require_catalog().get(name)
+async def model_ready(name: str, request: Request, svc: ServicesDep) -> dict:
+    task = svc.find_task(request, name)
     return {"name": task.name, "ready": True}
 
 
@@ -168,8 +168,7 @@ async def model_ready(name: str, svc: ServicesDep) -> dict:
 )
 async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
     started = time.perf_counter()
-    task = await svc.require_catalog().get(name)
-    request.state.task = task.name
+    task = svc.find_task(request, name)
     settings = svc.settings
     header, binary = await _read(request, settings)
     tensor = _one_input(header, binary)

@@ -62,8 +62,7 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, description="labels per image; clamped to label count")] = 5,
 ) -> JSONResponse:
     started = time.perf_counter()
-    found = await svc.require_catalog().get(task)
-    request.state.task = found.name
+    found = svc.find_task(request, task)
     settings = svc.settings
     blobs, names = await _images(request, settings)
     tensors = await prepare_async(blobs, found.artifact, settings.max_pixels, names)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from piggyback_serve.server.auth import require_admin
 from piggyback_serve.server.body import read_limited
 from piggyback_serve.server.errors import BadRequest, responses
+from piggyback_serve.server.metrics import note_task
 from piggyback_serve.server.registry import NAME_PATTERN, valid_name
 from piggyback_serve.server.schemas import TaskInfo, TaskList
 from piggyback_serve.server.state import ServicesDep
@@ -40,9 +41,7 @@ async def list_tasks(svc: ServicesDep) -> TaskList:
     ONE_TASK, response_model=TaskInfo, responses=responses(400, 404, 503), summary="One task"
 )
 async def get_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskInfo:
-    task = await svc.require_catalog().get(_checked(name))
-    request.state.task = task.name
-    return TaskInfo.of(task)
+    return TaskInfo.of(svc.find_task(request, _checked(name)))
 
 
 @router.put(
@@ -70,7 +69,7 @@ async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
         request, svc.settings.max_artifact_bytes, "artifact", "PIGGY_MAX_ARTIFACT_BYTES"
     )
     task = await catalog.put(name, data)  # ArtifactError → 422, registry untouched
-    request.state.task = task.name
+    note_task(request, task.name)
     return TaskInfo.of(task)
 
 
