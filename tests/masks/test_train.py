@@ -5,8 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from piggyback_serve.masks import artifact, data, train
+from piggyback_serve.masks import artifact, cli, data, train
 from piggyback_serve.masks.cli import main
+from piggyback_serve.masks.device import resolve_device
 
 
 @pytest.mark.slow
@@ -50,9 +51,13 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
         Image.fromarray(img).save(root / faces.labels[label] / f"{i}.png")
     out = tmp_path / "faces.safetensors"
     args = ["train", "--data", str(root), "--task", "faces", "--out", str(out)]
-    code = main([*args, "--epochs", "1", "--min-steps", "0", "--input-size", "32"])
+    described = ["--description", " a tight grayscale crop of one face "]
+    code = main([*args, *described, "--epochs", "1", "--min-steps", "0", "--input-size", "32"])
     assert code == 0
     printed = capsys.readouterr()
+    # The progress bars name the task, not the folder, for Piggyback and the comparison.
+    assert "faces piggyback 1/1" in printed.err and "faces classifier-only 1/" in printed.err
+    assert "folder piggyback" not in printed.err
     assert "warning: input 32 px is far below the 224 px" in printed.err
     assert "training piggyback on efficientnet_lite0: 120 training images" in printed.out
     assert "1 epoch = 4 steps (at least 0)" in printed.out
@@ -65,6 +70,7 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
     assert "gain over classifier-only on the same split" in printed.out
     art = artifact.read(out)
     assert art.labels == ["face", "non-face"] and art.task == "faces"
+    assert art.description == "a tight grayscale crop of one face"
     assert art.metrics["config"]["min_steps"] == 0
     inspect = subprocess.run(
         [sys.executable, "-m", "piggyback_serve.masks", "inspect", str(out)],
@@ -73,6 +79,7 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
         check=True,
     )
     assert "valid for backbone efficientnet_lite0" in inspect.stdout
+    assert '"description": "a tight grayscale crop of one face"' in inspect.stdout
 
 
 def test_artifact_records_the_epochs_the_step_floor_ran(lite0):
@@ -103,7 +110,7 @@ def test_train_help_shows_every_default(capsys):
     d = train.TrainConfig()
     for value in (d.epochs, d.min_steps, d.lr_mask, d.lr_head, d.threshold):
         assert f"(default: {value})" in text
-    assert "(default: 32)" in text and "(default: cpu)" in text
+    assert "(default: 32)" in text and "(default: auto)" in text and "(default: 1)" in text
     assert "(default: the library's size for timm:/torchvision: names, 64 for the built-in" in text
     assert "(default: None)" not in text
 
@@ -111,6 +118,24 @@ def test_train_help_shows_every_default(capsys):
 def test_cli_reports_bad_data_cleanly(capsys):
     assert main(["train", "--data", "/no/such/folder"]) == 1
     assert "neither a demo data set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["two\nlines", "x" * (artifact.DESCRIPTION_MAX + 1)])
+def test_a_bad_description_fails_before_training_starts(text, monkeypatch, capsys):
+    def no_backbone(*args):
+        raise AssertionError("loaded the backbone before checking the description")
+
+    monkeypatch.setattr(cli, "load_backbone", no_backbone)
+    assert main(["train", "--data", "digits", "--description", text]) == 1
+    assert "piggy-masks: error: description: must be" in capsys.readouterr().err
+
+
+def test_training_device_auto_is_cuda_when_present_else_the_cpu(lite0):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    config = train.TrainConfig(device="auto")
+    assert train.settings_line(config, lite0, 32).endswith(f"seed 0, {expected}")
 
 
 def test_folder_images_are_read_upright_as_the_server_reads_them(tmp_path):

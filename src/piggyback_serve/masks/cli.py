@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +19,10 @@ from piggyback_serve.masks.errors import MasksError
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    # Checked first: a bad description fails now, not after minutes of training.
+    description = artifact.check_description(args.description or "")
+    if args.threads:  # 0: torch's choice
+        torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone, args.weights)
     dataset = data.load_dataset(args.data, seed=args.seed)
     config = train.TrainConfig(
@@ -38,25 +43,30 @@ def _train(args: argparse.Namespace) -> None:
     if warning:
         print(warning, file=sys.stderr)
     print(f"training {train.settings_line(config, backbone, len(dataset.train.targets))}")
-    result = train.train(backbone, dataset, config)
+    task = args.task or dataset.name
+    result = train.train(backbone, dataset, config, task)
     if args.baseline:
         _report(config.mode, result, len(dataset.test.targets))
         return
-    task = args.task or dataset.name
     out = Path(args.out or f"{task}.safetensors")
     # The bytes reported are the bytes written (format 2), not format 1's bitmaps.
-    blob = artifact.to_bytes(train.to_artifact(result, backbone, dataset, config, task))
+    art = train.to_artifact(result, backbone, dataset, config, task, description)
+    blob = artifact.to_bytes(art)
     _report(config.mode, replace(result, task_bytes=len(blob)), len(dataset.test.targets))
     if result.sparsity == 0:
         print(NOTHING_SWITCHED_OFF)
     if args.compare:
-        baseline = train.train(backbone, dataset, replace(config, mode="classifier-only"))
+        baseline = train.train(backbone, dataset, replace(config, mode="classifier-only"), task)
         _report("classifier-only", baseline, len(dataset.test.targets))
         gain = 100 * (result.accuracy - baseline.accuracy)
         print(f"the mask's gain over classifier-only on the same split: {gain:+.2f} points")
     artifact.write_atomic(out, blob)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
+
+# Torch's intra-op threads: one by default, measured faster than one per core on a small
+# machine (docs/training.md).
+DEFAULT_THREADS = 1
 
 NOTHING_SWITCHED_OFF = (
     "note: no weight was switched off: the mask is all ones, so this task is the backbone "
@@ -201,6 +211,13 @@ def parser() -> argparse.ArgumentParser:
         "pretrained weights from the library's cache)",
     )
     t.add_argument("--task", help="task name (default: the data set's name)")
+    t.add_argument(
+        "--description",
+        metavar="TEXT",
+        help="one line on what the task expects as input, stored in the artifact and shown "
+        "to its users, e.g. 'a handwritten digit, white on black, centred' (at most "
+        f"{artifact.DESCRIPTION_MAX} characters)",
+    )
     t.add_argument("--out", help="artifact path (default: TASK.safetensors)")
     t.add_argument(
         "--baseline",
@@ -245,8 +262,17 @@ def parser() -> argparse.ArgumentParser:
         "ones; far below 64, accuracy can drop sharply)",
     )
     t.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling")
-    t.add_argument("--device", default=d.device, help="torch device (cpu, cuda, ...)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA when present, else the CPU, as the server), cpu, cuda:N",
+    )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="torch CPU threads; 0: torch's choice, one per core (docs/training.md: why one)",
+    )
     t.set_defaults(func=_train)
 
     i = sub.add_parser("inspect", help="print an artifact's metadata and validate it")
@@ -302,6 +328,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_when_the_reader_leaves(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
@@ -309,6 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piggy-masks: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def quiet_when_the_reader_leaves(run: Callable[[], int]) -> int:
+    """run(), ending with status 1 and no traceback when stdout's reader has gone
+    (`piggy-masks inspect FILE | head`): Python's recipe in its `signal` docs ("Note on
+    SIGPIPE"), not SIG_DFL, which would also kill a process writing to a closed socket."""
+    try:
+        try:
+            return run()
+        finally:
+            sys.stdout.flush()  # --help's SystemExit too: a failed flush at exit is noisy
+    except BrokenPipeError:
+        # The interpreter flushes stdout again as it exits: give that flush a sink.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from piggyback_serve.masks import artifact as artifact_mod
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.data import LabelledData, preprocess_all
+from piggyback_serve.masks.device import resolve_device
 from piggyback_serve.masks.layers import DEFAULT_THRESHOLD, PiggybackModel
 
 Mode = Literal["piggyback", "classifier-only", "finetune"]
@@ -45,7 +46,7 @@ class TrainConfig:
     train_bn: bool = False
     input_size: int = 64
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # or "auto": CUDA when present (the CLI's default), "cuda:1", ...
     progress: bool = True
 
 
@@ -124,11 +125,14 @@ def effective_epochs(config: TrainConfig, train_size: int) -> int:
     return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
 
 
-def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainResult:
-    """Train one model on data.train, report accuracy on data.test."""
+def train(
+    backbone: Backbone, data: LabelledData, config: TrainConfig, task: str | None = None
+) -> TrainResult:
+    """Train one model on data.train, report accuracy on data.test; the progress bar names
+    `task` (default: the data set's name)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     backbone.module.to(device)
     model = build_model(backbone, len(data.labels), config).to(device)
     train_set = preprocess_all(data.train, config.input_size, backbone.mean, backbone.std)
@@ -152,7 +156,7 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
         model.train()
         bar = tqdm(
             loader,
-            desc=f"{data.name} {config.mode} {epoch + 1}/{epochs}",
+            desc=f"{task or data.name} {config.mode} {epoch + 1}/{epochs}",
             disable=not config.progress,
             leave=False,
         )
@@ -164,7 +168,7 @@ def train(backbone: Backbone, data: LabelledData, config: TrainConfig) -> TrainR
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         schedule.step()
-    accuracy = evaluate(model, data, backbone, config)
+    accuracy = evaluate(model, data, backbone, config, device)
     result = TrainResult(
         mode=config.mode,
         accuracy=accuracy,
@@ -201,7 +205,7 @@ def settings_line(config: TrainConfig, backbone: Backbone, train_size: int) -> s
         f"{_count(steps, 'step')} "
         f"(at least {config.min_steps}), Adam {lrs}, {_decay(config, epochs)}, "
         f"norms {'per task' if config.train_bn else 'frozen'}, "
-        f"seed {config.seed}, {config.device}"
+        f"seed {config.seed}, {resolve_device(config.device)}"
     )
 
 
@@ -228,13 +232,16 @@ def input_size_warning(config: TrainConfig, backbone: Backbone) -> str | None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: LabelledData, backbone: Backbone, config: TrainConfig):
+def evaluate(
+    model: nn.Module, data: LabelledData, backbone: Backbone, config: TrainConfig, device=None
+):
     """Top-1 accuracy on the held-out split."""
+    device = device or resolve_device(config.device)
     model.eval()
     test_set = preprocess_all(data.test, config.input_size, backbone.mean, backbone.std)
     correct = 0
     for x, y in torch.utils.data.DataLoader(test_set, batch_size=128):
-        correct += (model(x.to(config.device)).argmax(1).cpu() == y).sum().item()
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / len(test_set)
 
 
@@ -253,9 +260,15 @@ def _task_bytes(
 
 
 def to_artifact(
-    result: TrainResult, backbone: Backbone, data: LabelledData, config: TrainConfig, task: str
+    result: TrainResult,
+    backbone: Backbone,
+    data: LabelledData,
+    config: TrainConfig,
+    task: str,
+    description: str = "",
 ) -> artifact_mod.TaskArtifact:
-    """Pack a trained Piggyback model into a task artifact."""
+    """Pack a trained Piggyback model into a task artifact; `description`: one line on what
+    the task expects as input (artifact.check_description)."""
     model = result.model
     if not isinstance(model, PiggybackModel):
         raise ValueError("only a piggyback model becomes a task artifact")
@@ -272,6 +285,7 @@ def to_artifact(
         input_size=config.input_size,
         mean=backbone.mean,
         std=backbone.std,
+        description=artifact_mod.check_description(description),
         bn={k: v.cpu() for k, v in model.bn_state().items()},
         metrics={
             "accuracy": round(result.accuracy, 6),
