@@ -14,7 +14,7 @@ from piggyback_serve.server import auth, errors
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
-from piggyback_serve.server.metrics import Metrics, RequestCounter
+from piggyback_serve.server.metrics import Metrics, RequestMetrics
 from piggyback_serve.server.registry import REMOTE_SCHEMES, open_registry
 from piggyback_serve.server.replica import ReplicaHeader
 from piggyback_serve.server.routes import docs, oip, page, routers
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.include_router(router)
     app.mount("/web", page.assets(), name="web")
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
-    app.add_middleware(RequestCounter)
+    app.add_middleware(RequestMetrics)
     if settings.cors_origin_list:  # off unless asked for: no CORS header is ever sent
         app.add_middleware(
             CORSMiddleware,

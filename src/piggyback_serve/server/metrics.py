@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -23,6 +24,13 @@ class Metrics:
             "piggy_requests",
             "HTTP requests by route, task and status",
             ["route", "task", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "piggy_request_duration_seconds",
+            "Time to answer an HTTP request, by route template, method, status class and task",
+            ["route", "method", "status_class", "task"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.errors = Counter(
@@ -117,12 +125,20 @@ class _StateCollector(Collector):
         return []
 
 
-class RequestCounter:
-    """Pure ASGI middleware: counts every answer by route, task and status.
+# Methods that keep their own label value; any other (a client may send any token) is "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+UNMATCHED = "unmatched"  # the route label of a request no route or mount took
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: counts and times every answer by route, task and status.
 
     Pure ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs
     each request in its own task group and re-streams the response, which profiling put
     at a visible share of the event loop's time per /predict.
+
+    Every label is bounded: the route is its template (`/tasks/{name}`, never the path),
+    the method one of METHODS or "other", the task a known one (or UNKNOWN_TASK).
     """
 
     def __init__(self, app) -> None:
@@ -132,6 +148,8 @@ class RequestCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        root_path = scope.get("root_path", "")
         status = 500  # an exception that escapes every handler ends as a 500
 
         async def send_noting_status(message) -> None:
@@ -143,18 +161,31 @@ class RequestCounter:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
-            self._count(scope, status)
+            self._record(scope, status, route_of(scope, root_path), started)
 
     @staticmethod
-    def _count(scope, status: int) -> None:
+    def _record(scope, status: int, route: str, started: float) -> None:
         svc = getattr(scope["app"].state, "services", None)
         if svc is None:
             return
         # request.state lives in scope["state"]: routes and error handlers note the task
-        # and the error code there.
+        # (note_task) and the error code there.
         state = scope.get("state", {})
-        route = getattr(scope.get("route"), "path", "unmatched")
         task = state.get("task", "")
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        svc.metrics.latency.labels(route, method, f"{status // 100}xx", task).observe(
+            time.perf_counter() - started
+        )
         svc.metrics.requests.labels(route, task, str(status)).inc()
         if code := state.get("error_code"):
             svc.metrics.errors.labels(task, code).inc()
+
+
+def route_of(scope, root_path: str) -> str:
+    """The route template that answered: the router notes a route in the scope; a mount
+    (static files: /web, /docs-assets) extends root_path by its prefix, as ASGI has it."""
+    path = getattr(scope.get("route"), "path", None)
+    mounted = scope.get("root_path", "")[len(root_path) :]
+    if mounted:
+        return f"{mounted}/{{path}}"
+    return path or UNMATCHED
