@@ -1,8 +1,9 @@
 """piggy: the command line over the piggyback-serve client.
 
-The server is $PIGGY_URL (default http://127.0.0.1:8000); uploads and deletes send
-$PIGGY_TOKEN as the admin token. Exit codes: 0 done, 1 the server answered with an error,
-2 bad usage or an unreadable local file, 3 the server could not be reached.
+The server is $PIGGY_URL (default http://127.0.0.1:8000); every request sends $PIGGY_TOKEN
+when set (the server's admin token for uploads and deletes, or its predict token).
+Exit codes: 0 done, 1 the server answered with an error, 2 bad usage or an unreadable
+local file, 3 the server could not be reached.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
         prog="piggy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--url", help=f"server URL (default $PIGGY_URL or {DEFAULT_URL})")
-    p.add_argument("--token", help="admin token (default $PIGGY_TOKEN)")
+    p.add_argument("--token", help="bearer token, admin or predict (default $PIGGY_TOKEN)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--retries", type=int, default=3, help="retries of a 503 answer (3)")
     p.add_argument("--json", action="store_true", help="print the server's JSON answer as it is")
