@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks import demo
@@ -114,6 +116,37 @@ def test_console_script_serves_the_offline_answers(tmp_path, registry_dir, refer
             metric(text, "piggy_requests_total", route="/predict", status="200", task="beta") >= 2
         )
         assert "piggy_tasks_registered 4.0" in text
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_data_binary_without_a_content_type_is_classified(tmp_path, registry_dir, reference):
+    """`curl --data-binary @photo.jpg` sends application/x-www-form-urlencoded: the bytes decide."""
+    photo, notes = tmp_path / "photo.jpg", tmp_path / "notes.txt"
+    Image.open(io.BytesIO(png(600))).convert("RGB").save(photo, format="JPEG")
+    notes.write_text("not a photo\n")
+    env = dict(
+        PIGGY_BACKBONE="resnet18",
+        PIGGY_BACKBONE_WEIGHTS="random",
+        PIGGY_REGISTRY=f"dir:{registry_dir}",
+    )
+    with piggy_serve(tmp_path, **env) as client:
+        url = f"{client.base_url}/predict?task=gamma"
+
+        def curl(path: Path) -> tuple[int, dict]:
+            done = subprocess.run(
+                ["curl", "-sS", "--max-time", "60", "-w", "\n%{http_code}",
+                 "--data-binary", f"@{path}", url],
+                capture_output=True, text=True, timeout=90, check=True,
+            )  # fmt: skip
+            body, _, status = done.stdout.rpartition("\n")
+            return int(status), json.loads(body)
+
+        status, body = curl(photo)
+        assert status == 200, body
+        reference.check("gamma", photo.read_bytes(), body["results"][0])
+        status, body = curl(notes)
+        assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+        assert body["error"]["message"].endswith("the bytes look like text")
 
 
 @pytest.mark.slow

@@ -134,9 +134,44 @@ async def test_415_not_an_image(settings, backbone, reference):
         await expect(await client.post("/predict?task=alpha", content=GOOD[:60]), 415)
         files = [("file", ("a.png", GOOD, "image/png")), ("file", ("b.txt", b"text", "text/plain"))]
         err = await expect(await client.post("/predict?task=alpha", files=files), 415)
-        assert err["message"].startswith(
-            "part 2 of 2 (field `file`, filename 'b.txt', text/plain): not a supported image"
+        assert err["message"] == (
+            "part 2 of 2 (field `file`, filename 'b.txt', text/plain): not a supported image "
+            "(accepted: JPEG, PNG, WEBP, GIF, BMP, TIFF): the bytes look like text"
         )
+        await still_serves(client, reference)
+
+
+async def test_415_says_what_a_raw_body_that_is_not_an_image_looks_like(
+    settings, registry_dir, backbone, reference
+):
+    artifact = (registry_dir / "alpha.safetensors").read_bytes()
+    sent = [  # (content type, body, what the 415 says the bytes look like)
+        (None, b"a photo of a cat", "text"),
+        ("application/x-www-form-urlencoded", b'{"image": "cat.jpg"}', "JSON text"),
+        ("application/octet-stream", artifact, "a safetensors file (a task artifact?"),
+        ("image/jpeg", b"<html><body>404</body></html>", "an HTML page"),
+    ]
+    async with serving(settings, backbone) as client:
+        for content_type, body, looks_like in sent:
+            headers = {"content-type": content_type} if content_type else {}
+            r = await client.post("/predict?task=alpha", content=body, headers=headers)
+            err = await expect(r, 415, "unsupported_media_type")
+            assert err["message"].startswith("not a supported image (accepted: JPEG, PNG")
+            assert f"the bytes look like {looks_like}" in err["message"], err["message"]
+        # A content type that says "not an image" is believed, and the 415 says what the
+        # bytes really are.
+        r = await client.post(
+            "/predict?task=alpha", content=GOOD, headers={"content-type": "text/plain"}
+        )
+        assert (await expect(r, 415))["message"] == (
+            "content type 'text/plain' is not an image (the bytes are a PNG image: send it with "
+            "content type image/png, or none); send image/* bytes or multipart/form-data "
+            "with `file` fields"
+        )
+        r = await client.post(
+            "/predict?task=alpha", content=b"hi", headers={"content-type": "application/json"}
+        )
+        assert "(the bytes look like text)" in (await expect(r, 415))["message"]
         await still_serves(client, reference)
 
 

@@ -1,6 +1,9 @@
 """POST /predict and GET /tasks in-process: answers equal the offline masked model's."""
 
+import io
+
 import pytest
+from PIL import Image
 
 from tests.server.server_support import TASKS, png, serving
 
@@ -82,3 +85,29 @@ async def test_openapi_documents_routes_and_errors(settings, backbone):
         put = spec["paths"]["/tasks/{name}"]["put"]
         assert {"401", "403", "413", "422"} <= set(put["responses"])
         assert (await client.get("/docs")).status_code == 200
+
+
+def as_jpeg(image: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+async def test_a_raw_body_with_no_or_a_generic_content_type_is_sniffed(
+    settings, backbone, reference
+):
+    image = as_jpeg(png(3))
+    generic = (
+        None,  # no content type at all
+        "application/octet-stream",
+        "application/x-www-form-urlencoded",  # what curl --data-binary sends by default
+        "application/x-www-form-urlencoded; charset=utf-8",
+        "image/png",  # an image type naming another format: the bytes decide too
+    )
+    async with serving(settings, backbone) as client:
+        for content_type in generic:
+            headers = {"content-type": content_type} if content_type else {}
+            r = await client.post("/predict?task=alpha", content=image, headers=headers)
+            assert r.request.headers.get("content-type") == content_type
+            assert r.status_code == 200, (content_type, r.text)
+            reference.check("alpha", image, r.json()["results"][0])

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.data import to_pixels, upright
 from piggyback_serve.server.errors import NotAnImage, PayloadTooLarge
+from piggyback_serve.server.sniff import describe
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Images up to this many pixels (all of a request's together) decode on the event loop:
@@ -40,7 +41,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb(str(exc), max_pixels) from None
     except UnidentifiedImageError:
-        raise NotAnImage(f"not a supported image (accepted: {', '.join(FORMATS)})") from None
+        raise NotAnImage(
+            f"not a supported image (accepted: {', '.join(FORMATS)}): the bytes look like "
+            f"{describe(data)}"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
         raise NotAnImage(f"image could not be decoded: {exc}") from None
     return image
@@ -101,6 +105,16 @@ async def prepare_async(
     if sum(map(_claimed_pixels, blobs)) <= INLINE_PIXELS:
         return prepare(blobs, artifact, max_pixels, names)
     return await asyncio.to_thread(prepare, blobs, artifact, max_pixels, names)
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format the bytes' header names ("JPEG", "PNG", ...), or None: what the body
+    is, whatever its content type claims. Reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            return image.format
+    except Exception:  # not an image Pillow knows, or a header it can't read
+        return None
 
 
 def _claimed_pixels(blob: bytes) -> int:

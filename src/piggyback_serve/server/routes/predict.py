@@ -13,9 +13,10 @@ from starlette.datastructures import FormData
 from piggyback_serve.server.auth import require_predict
 from piggyback_serve.server.body import parse_form, read_limited
 from piggyback_serve.server.errors import BadRequest, NotAnImage, responses
-from piggyback_serve.server.preprocess import prepare_async
+from piggyback_serve.server.preprocess import image_format, prepare_async
 from piggyback_serve.server.schemas import Prediction
 from piggyback_serve.server.settings import Settings
+from piggyback_serve.server.sniff import describe
 from piggyback_serve.server.state import ServicesDep
 
 router = APIRouter(tags=["predict"])
@@ -23,8 +24,9 @@ router = APIRouter(tags=["predict"])
 _BODY = {
     "requestBody": {
         "required": True,
-        "description": "One raw image (an image/* content type), or multipart/form-data "
-        "with one or more `file` fields (several images, answered in order).",
+        "description": "One raw image (an image/* content type; or application/octet-stream, "
+        "application/x-www-form-urlencoded or none, and the bytes say which format), or "
+        "multipart/form-data with one or more `file` fields (several images, answered in order).",
         "content": {
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
@@ -43,7 +45,12 @@ _BODY = {
         },
     }
 }
-RAW_TYPES = ("image/", "application/octet-stream")
+# A raw body's content type, read as a hint: image/* (any: the bytes decide which format),
+# or none at all and the generic ones tools send when they don't know (curl --data-binary
+# says application/x-www-form-urlencoded): the bytes decide. Any other type (text/plain,
+# application/json, ...) is a claim that the body is not an image: 415, saying what it is.
+IMAGE_TYPES = "image/"
+GENERIC_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
 FIELD = "file"  # the multipart field that carries images, one part per image
 
 
@@ -96,14 +103,26 @@ async def _images(request: Request, settings: Settings) -> tuple[list[bytes], li
             for i, f in enumerate(files, 1)
         ]
         return [await f.read() for f in files], names
-    if content_type and not content_type.startswith(RAW_TYPES):
-        raise NotAnImage(
-            f"content type {content_type!r} is not an image; send image/* "
-            f"bytes or multipart/form-data with `{FIELD}` fields"
-        )
+    media_type = content_type.partition(";")[0].strip()
+    if not (media_type.startswith(IMAGE_TYPES) or media_type in GENERIC_TYPES):
+        raise _not_an_image_type(media_type, body)
     if not body:
         raise BadRequest("empty body: send an image")
     return [body], None
+
+
+def _not_an_image_type(media_type: str, body: bytes) -> NotAnImage:
+    """The 415 for a raw body whose content type says it is something else than an image."""
+    what = f"the bytes look like {describe(body)}"
+    if found := image_format(body):
+        what = (
+            f"the bytes are a {found} image: send it with content type "
+            f"image/{found.lower()}, or none"
+        )
+    return NotAnImage(
+        f"content type {media_type!r} is not an image ({what}); send image/* bytes or "
+        f"multipart/form-data with `{FIELD}` fields"
+    )
 
 
 def _no_file_parts(form: FormData, shown: int = 10) -> BadRequest:
