@@ -36,6 +36,7 @@ def make_artifact(
     seed: int = 0,
     input_size: int = INPUT_SIZE,
     keep: float = 0.9,
+    description: str = "",
 ) -> TaskArtifact:
     """A valid artifact with random masks and head; labels are prefixed by the task name."""
     g = torch.Generator().manual_seed(seed)
@@ -57,6 +58,7 @@ def make_artifact(
         mean=backbone.mean,
         std=backbone.std,
         metrics={"accuracy": 0.5, "sparsity": 1 - keep, "dataset": "synthetic"},
+        description=description,
     )
 
 

@@ -99,6 +99,18 @@ async def test_an_upload_says_which_name_it_is_served_under(settings, registry_d
         assert listed["outer"]["artifact_task"] == "inner-name"
 
 
+async def test_tasks_carry_the_artifacts_description(settings, backbone):
+    said = "A close-up photo of one flower, petals visible"
+    data = artifacts.to_bytes(make_artifact(backbone, "flowers", seed=6, description=said))
+    async with serving(settings, backbone) as client:
+        r = await client.put("/tasks/flowers", content=data)
+        assert r.status_code == 201 and r.json()["description"] == said
+        assert (await client.get("/tasks/flowers")).json()["description"] == said
+        listed = {t["name"]: t for t in (await client.get("/tasks")).json()["tasks"]}
+        assert listed["flowers"]["description"] == said
+        assert listed["alpha"]["description"] == ""  # an artifact without one
+
+
 @pytest.mark.parametrize("path", ["..%2Fetc", "a%2Fb", "..%2F..%2Fx", "%2E%2E", "a b"])
 async def test_path_like_names_get_the_invalid_name_error(settings, backbone, path):
     async with serving(settings, backbone) as client:

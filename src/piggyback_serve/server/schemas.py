@@ -29,6 +29,9 @@ class Prediction(BaseModel):
 class TaskInfo(BaseModel):
     name: str = Field(description="the name the task is served under (the URL's)")
     artifact_task: str = Field(description="the task name written in the artifact itself")
+    description: str = Field(
+        "", description="one line: what the task expects as input (empty when not given)"
+    )
     labels: list[str]
     backbone: str
     size_bytes: int
@@ -42,6 +45,7 @@ class TaskInfo(BaseModel):
         return cls(
             name=task.name,
             artifact_task=art.task,
+            description=art.description,
             labels=art.labels,
             backbone=art.backbone,
             size_bytes=task.size_bytes,
