@@ -349,7 +349,7 @@ def test_description_travels_in_the_file_and_is_optional():
     from piggyback_serve.masks.artifact import DESCRIPTION_MAX, check_description
     from piggyback_serve.masks.demo import BUNDLED_DIR
 
-    art = artifact.read(BUNDLED_DIR / "mnist.safetensors")
+    art = replace(artifact.read(BUNDLED_DIR / "mnist.safetensors"), description="")
     assert "description" not in art.metadata()  # absent when empty: older files read the same
     described = replace(art, description="a handwritten digit, white on black")
     meta = described.metadata()

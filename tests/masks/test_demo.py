@@ -17,6 +17,15 @@ def test_demo_tasks_are_bundled_and_small():
     assert all(p.stat().st_size < 1_000_000 for p in BUNDLED)
 
 
+def test_bundled_tasks_carry_the_descriptions_a_rebuild_writes():
+    # demo.build writes each DemoTask's description: a rebuild and the bundle agree.
+    descriptions = {t.name: t.description for t in demo.DEMO_TASKS}
+    for path in BUNDLED:
+        description = artifact.read(path).description
+        assert description == descriptions[path.stem]
+        assert artifact.check_description(description) == description
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_bundled_task_reaches_its_recorded_accuracy(path, lite0):

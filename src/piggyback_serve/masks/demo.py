@@ -25,13 +25,36 @@ class DemoTask:
     name: str
     dataset: str
     epochs: int
+    description: str  # the artifact's: what the task expects as input
 
 
 DEMO_TASKS = (
-    DemoTask("mnist", "mnist", 3),
-    DemoTask("digits", "digits", 5),
-    DemoTask("faces", "faces", 10),
-    DemoTask("fashion_mnist", "fashion_mnist", 3),
+    DemoTask(
+        "mnist",
+        "mnist",
+        3,
+        "one handwritten digit, light on black, centred and filling the frame (MNIST's 28x28 "
+        "look; send scikit-learn's 8x8 digits to digits)",
+    ),
+    DemoTask(
+        "digits",
+        "digits",
+        5,
+        "one coarse 8x8 handwritten digit, light on black (scikit-learn's digits; send "
+        "MNIST's 28x28 digits to mnist)",
+    ),
+    DemoTask(
+        "faces",
+        "faces",
+        10,
+        "a tight grayscale crop of one face (LFW's look) against any other patch",
+    ),
+    DemoTask(
+        "fashion_mnist",
+        "fashion_mnist",
+        3,
+        "one centred item of clothing, bright on black (Fashion-MNIST's 28x28 look)",
+    ),
 )
 
 
@@ -84,7 +107,9 @@ def build(target: Path, backbone: Backbone, tasks=None, baselines: bool = False,
             result = train.train(backbone, dataset, config)
             row[mode] = result
             if mode == "piggyback":
-                art = train.to_artifact(result, backbone, dataset, config, task.name)
+                art = train.to_artifact(
+                    result, backbone, dataset, config, task.name, task.description
+                )
                 artifact.write(art, target / f"{task.name}.safetensors")
                 row["artifact_bytes"] = (target / f"{task.name}.safetensors").stat().st_size
             print(
