@@ -132,7 +132,7 @@ def test_piggy_serve_serves_a_vit_trained_by_piggy_masks(tmp_path):
     import io
 
     from PIL import Image
-    from test_e2e import piggy_serve
+    from tests.server.test_e2e import piggy_serve
 
     from piggyback_serve.masks.cli import main as masks_cli
     from tests.server.server_support import Reference
