@@ -8,29 +8,58 @@ let chosen = null; // the File (or Blob) to classify
 
 function setState(state) { document.body.dataset.state = state; }
 
-function showError(message) {
-  $("error").textContent = message;
+const FORMATS = "JPEG, PNG, WebP, GIF, BMP or TIFF";
+const LABELS_SHOWN = 20;
+// What the page says for each answer it can meet, in a user's words. The server's own
+// message (meant for developers) stays under "Details".
+const PLAIN_BY_STATUS = {
+  400: "The server could not use this file. Pick another image file.",
+  401: "This server asks for a token to classify images, which this page cannot send.",
+  403: "This server asks for a token to classify images, which this page cannot send.",
+  404: "This task is not served any more. Reload the page to see the tasks there are.",
+  413: "This image is too large. Pick a smaller one (fewer pixels or a smaller file).",
+  415: `This file is not an image (${FORMATS}). Pick an image file.`,
+  500: "Something went wrong on the server while classifying this image. Try again.",
+  503: "The server is busy right now. Try again in a moment.",
+  504: "The server took too long to answer. Try again in a moment, or with a smaller image.",
+};
+const PLAIN_BY_CODE = {
+  not_ready: "The server is still starting. Try again in a moment.",
+  registry_unavailable: "The server cannot reach its tasks right now. Try again in a moment.",
+};
+const NETWORK_ERROR =
+  "Could not reach the server. Check your connection, or that the server is running, and try again.";
+
+function showError(plain, detail) {
+  $("error-text").textContent = plain;
+  $("error-detail").textContent = detail || "";
+  $("error-details").hidden = !detail;
   $("error").hidden = false;
   setState("error");
 }
 
-// The server's own message when it sent one ({"error": {"code", "message"}}).
+// A failed answer as {plain, detail}: the sentence for the user, and the server's own
+// message ({"error": {"code", "message"}}) for whoever wants the details.
 async function errorOf(response) {
+  let code = "", detail = `HTTP ${response.status} ${response.statusText}`;
   try {
     const body = await response.json();
     if (body && body.error) {
       const e = body.error;
-      return typeof e === "string" ? e : `${e.message} (${e.code}, HTTP ${response.status})`;
+      code = e.code || "";
+      detail = typeof e === "string" ? e : `${e.message} (${e.code}, HTTP ${response.status})`;
     }
   } catch (_) { /* not JSON */ }
-  return `HTTP ${response.status} ${response.statusText}`;
+  const plain = PLAIN_BY_CODE[code] || PLAIN_BY_STATUS[response.status] ||
+    `Something went wrong (HTTP ${response.status}). Try again.`;
+  return { plain, detail };
 }
 
 async function loadTasks() {
   const select = $("task");
   try {
     const response = await fetch("/tasks");
-    if (!response.ok) throw new Error(await errorOf(response));
+    if (!response.ok) throw await errorOf(response);
     const list = (await response.json()).tasks;
     tasks = Object.fromEntries(list.map((t) => [t.name, t]));
     select.replaceChildren(...list.map((t) => new Option(`${t.name} (${t.labels.length} labels)`, t.name)));
@@ -41,17 +70,28 @@ async function loadTasks() {
     describeTask();
     setState("ready");
   } catch (err) {
+    // errorOf's {plain, detail}, or fetch's own failure (no answer came back).
+    const { plain, detail } = err.plain ? err : { plain: NETWORK_ERROR, detail: err.message };
     select.replaceChildren(new Option("tasks unavailable", ""));
-    showError(`Could not list the tasks: ${err.message}`);
+    showError(`Could not load the tasks. ${plain}`, detail);
   }
   updateButton();
 }
 
+// What the chosen task expects: its description, input size and labels, and that it
+// always answers with one of them.
 function describeTask() {
   const t = tasks[$("task").value];
-  $("task-info").textContent = t
-    ? `${t.labels.slice(0, 8).join(", ")}${t.labels.length > 8 ? ", …" : ""} · backbone ${t.backbone}`
-    : "";
+  $("task-info").hidden = !t;
+  if (!t) return;
+  $("task-description").textContent = t.description || "";
+  $("task-description").hidden = !t.description;
+  $("task-size").textContent = `${t.input_size} × ${t.input_size}`;
+  $("task-count").textContent = t.labels.length === 1 ? "Its 1 label" : `Its ${t.labels.length} labels`;
+  const more = t.labels.length - LABELS_SHOWN;
+  $("task-labels").textContent =
+    t.labels.slice(0, LABELS_SHOWN).join(", ") + (more > 0 ? `, and ${more} more` : "");
+  $("task-labels").title = more > 0 ? t.labels.join(", ") : "";
 }
 
 function updateButton() {
@@ -81,14 +121,16 @@ async function classify() {
     });
     if (!response.ok) {
       $("output").hidden = true;
-      showError(await errorOf(response));
+      const { plain, detail } = await errorOf(response);
+      showError(plain, detail);
       return;
     }
     const answer = await response.json();
     render(answer, performance.now() - started);
     setState("done");
-  } catch (err) {
-    showError(`The request failed: ${err.message}`);
+  } catch (err) { // fetch itself failed: no answer came back
+    $("output").hidden = true;
+    showError(NETWORK_ERROR, err.message);
   } finally {
     updateButton();
   }
