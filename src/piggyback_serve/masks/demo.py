@@ -104,7 +104,7 @@ def build(target: Path, backbone: Backbone, tasks=None, baselines: bool = False,
         }
         for mode in modes:
             config = config_for(task, mode, **overrides)
-            result = train.train(backbone, dataset, config)
+            result = train.train(backbone, dataset, config, task.name)
             row[mode] = result
             if mode == "piggyback":
                 art = train.to_artifact(
