@@ -1,5 +1,4 @@
-"""Benchmarks: serving vs the raw backbone, per-task cost, cold tasks, peers, fairness.
-
-`python -m bench` runs every scenario (bounded in time and request count, loopback only)
-and writes bench/results/RESULTS.md and PNG plots. See bench/run.py.
+"""Benchmarks: `python -m bench` measures every scenario in bench/scenarios, stores one JSON
+record each in bench/results/, and renders the pages there from those records
+(bench/render.py). See bench/run.py.
 """

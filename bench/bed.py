@@ -26,15 +26,15 @@ class Options:
     """How much to measure: every run is bounded by these, in count and in time."""
 
     repeats: int = 3
-    window_s: float = 4.0  # one measurement of one side
+    window_s: float = 3.0  # one measurement of one side
     warmup_s: float = 1.0
     max_requests: int = 5000  # per measurement, whatever the window
     n_tasks: int = 100
-    cache_tasks: int = 10  # the peers' LRU of full copies (ours has no cache)
+    peer_models: int = 10  # full copies each peer replica keeps loaded (an LRU)
     scale_counts: tuple[int, ...] = (10, 100, 1000)
     cold_repeats: int = 7
-    fairness_s: float = 8.0
-    peers: bool = True
+    fairness_s: float = 5.0
+    load_fraction: float = 0.7  # open loop: this fraction of the closed loop's rate
     quick: bool = False
 
 
@@ -61,11 +61,6 @@ class Bed:
         self.images = fixtures.jpegs(self.config.input_size)
         self.params_bytes = sum(t.nbytes for t in self.backbone.module.state_dict().values())
         self.setup_s = time.perf_counter() - started
-
-    @property
-    def peer_cache_bytes(self) -> int:
-        """What the peers' LRU of `cache_tasks` full copies holds (backbone bytes each)."""
-        return self.options.cache_tasks * self.params_bytes
 
     def artifact(self, i: int):
         return artifacts.read(self.registry / f"{self.names[i]}.safetensors")
@@ -132,6 +127,12 @@ class Bed:
         if batches and after and after[1] > batches[1]:
             result.mean_batch = (after[0] - batches[0]) / (after[1] - batches[1])
         return result
+
+    def open_load(self, proc: procs.Proc, choose, rate: float, seconds: float, seed: int = 0):
+        """One bounded open-loop measurement at `rate` requests per second."""
+        return loadgen.run_open(
+            proc.port, choose, rate, seconds, max_requests=self.options.max_requests, seed=seed
+        )
 
     def batches(self, proc: procs.Proc) -> tuple[float, float] | None:
         """Our server's (images, batches) so far, from /metrics; None for a peer."""

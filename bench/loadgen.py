@@ -1,8 +1,11 @@
-"""A bounded closed-loop HTTP/1.1 load generator on loopback.
+"""Bounded HTTP/1.1 load generators on loopback: an open loop and a closed loop.
 
-`clients` connections each send one request, wait for its answer, and send the next,
-until `max_requests` have been sent or `max_seconds` have passed, whichever comes first.
-It speaks just enough HTTP/1.1 (keep-alive, Content-Length or chunked answers) to cost
+Open loop (`open_loop`, for latency): requests leave at a fixed arrival rate whatever the
+server does, and each latency counts from the request's scheduled time, so a slow answer
+cannot hold back the next requests and hide the tail.
+Closed loop (`closed_loop`, for throughput): `clients` connections each send one request,
+wait for its answer, and send the next. Both stop at `max_requests` or after their time.
+They speak just enough HTTP/1.1 (keep-alive, Content-Length or chunked answers) to cost
 the machine far less than an HTTP library would: on 2 cores the client shares the CPU
 with the server it measures, and every side of a comparison gets the same client.
 """
@@ -166,6 +169,69 @@ async def closed_loop(
     await asyncio.gather(*(client() for _ in range(clients)))
     result.elapsed_s = last_done - started
     return result
+
+
+async def open_loop(
+    port: int,
+    choose: Callable[[random.Random], Request],
+    rate: float,
+    seconds: float,
+    max_requests: int = 100_000,
+    seed: int = 0,
+    request_timeout_s: float = 60.0,
+    max_connections: int = 256,
+    host: str = "127.0.0.1",
+) -> LoadResult:
+    """Send `rate` requests per second for `seconds`, each on an idle keep-alive connection
+    (a new one when none is idle, at most `max_connections`); latency from the schedule."""
+    result = LoadResult()
+    rng = random.Random(seed)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    gate = asyncio.Semaphore(max_connections)
+    started = time.perf_counter()
+    last_done = started
+
+    def failed(key: str) -> None:
+        result.errors[key] = result.errors.get(key, 0) + 1
+
+    async def one(request: Request, scheduled: float) -> None:
+        nonlocal last_done
+        async with gate:
+            reader, writer = idle.pop() if idle else await asyncio.open_connection(host, port)
+            writer.write(request.wire)
+            try:
+                status, _ = await asyncio.wait_for(_read_response(reader), request_timeout_s)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, HttpError) as exc:
+                failed(type(exc).__name__)
+                writer.close()
+                return
+            done = time.perf_counter()
+            idle.append((reader, writer))
+        if status != 200:
+            failed(str(status))
+            return
+        result.latencies_s.append(done - scheduled)
+        result.by_tag.setdefault(request.tag, []).append(done - scheduled)
+        result.images += request.images
+        last_done = max(last_done, done)
+
+    pending = []
+    for i in range(min(max_requests, max(1, int(rate * seconds)))):
+        scheduled = started + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.create_task(one(choose(rng), scheduled)))
+    await asyncio.gather(*pending)
+    for _, writer in idle:
+        writer.close()
+    result.elapsed_s = max(last_done - started, seconds)
+    return result
+
+
+def run_open(port: int, choose, rate: float, seconds: float, **kw) -> LoadResult:
+    """open_loop from synchronous code."""
+    return asyncio.run(open_loop(port, choose, rate, seconds, **kw))
 
 
 def run(port: int, choose, clients: int, max_requests: int, max_seconds: float, **kw) -> LoadResult:

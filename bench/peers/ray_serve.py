@@ -1,7 +1,7 @@
 """The peer users run today: one full fine-tuned copy per task, in Ray Serve.
 
 Copies are loaded on demand by `@serve.multiplexed` (an LRU of models per replica, here
-`--max-models`, the same memory budget as our weight cache) and batched per model by
+`--max-models`) and batched per model by
 `@serve.batch` (Ray splits a batch by multiplexed model id). One replica, local cluster,
 HTTP on loopback. The model id travels in the `serve_multiplexed_model_id` header.
 """

@@ -1,1 +1,508 @@
-"""One module per scenario of the benchmark issue; each `run` returns plain data."""
+"""Every scenario `python -m bench` knows: its page, its figures with their goals, its tables.
+
+A scenario module measures (`measure`) and reduces its raw data to figures and table rows
+(`summarize`); bench/run.py stores the record, bench/render.py writes the pages. A record
+whose scenario is not listed here, and any figure or table a scenario no longer declares,
+is not rendered.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    page: str
+    title: str
+    figures: dict[str, str] = field(default_factory=dict)  # figure -> goal ("" for none)
+    tables: dict[str, Table] = field(default_factory=dict)
+    per_bed: bool = False  # measure(bed) on each backbone's test bed (bench/bed.py)
+    first_bed_only: bool = False
+    in_full_run: bool = True  # False: only when named (--scenarios), or never (`recorded_by`)
+    recorded_by: str = ""  # a record made outside `python -m bench`, by this command
+    in_quick: bool = True  # part of `--quick`
+    cpu_only: bool = False
+    cuda_only: bool = False
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"bench.scenarios.{self.name}")
+
+
+PAGES = {
+    "RESULTS.md": "Benchmark results",
+    "MULTITASK.md": "Many tasks at the speed of one",
+    "artifact_size.md": "Task artifact size and decode time",
+    "families.md": "Backbone families",
+    "accuracy.md": "Demo tasks",
+    "compile.md": "torch.compile for an engine worker",
+    "ray_proxy.md": "Ray Serve's proxy in front of the app",
+    "replica_propagation.md": "An upload reaching another replica",
+    "GPU.md": "The engine on a CUDA device",
+    "docker.md": "Docker image and Compose stack",
+    "ray_routing.md": "Routing by task on Ray",
+}
+
+_LATENCY = ("p50 ms", "p99 ms")
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "serving",
+            "RESULTS.md",
+            "Serving vs the raw backbone",
+            {
+                "serving ÷ raw, 1 task, HTTP": "≥ 0.95",
+                "serving ÷ raw, 10 tasks, HTTP": "≥ 0.90",
+                "serving ÷ raw, 100 tasks, HTTP": "≥ 0.80",
+            },
+            {
+                "throughput": Table(
+                    "Throughput, closed loop (raw_cl: the plain model in channels_last, the "
+                    "engine's layout; ratios per repeat, images per CPU second)",
+                    (
+                        "backbone",
+                        "clients",
+                        "side",
+                        "images/s",
+                        "images/CPU-s",
+                        "÷ raw_cl (CPU)",
+                        "÷ raw (CPU)",
+                        "batch",
+                        "requests",
+                        "errors",
+                    ),
+                ),
+                "latency": Table(
+                    "Latency, open loop at a fixed arrival rate",
+                    (
+                        "backbone",
+                        "tasks",
+                        "offered images/s",
+                        "answered images/s",
+                        *_LATENCY,
+                        "requests",
+                        "errors",
+                    ),
+                ),
+            },
+            per_bed=True,
+        ),
+        Scenario(
+            "fairness",
+            "RESULTS.md",
+            "Fairness: one hot task, nine cold",
+            {"cold p99 ÷ hot p99, 90% of requests to one task": ""},
+            {
+                "latency": Table(
+                    "Open loop at a fixed arrival rate, 90% of the requests to one task",
+                    (
+                        "backbone",
+                        "offered images/s",
+                        "hot p50 ms",
+                        "hot p99 ms",
+                        "cold p50 ms",
+                        "cold p99 ms",
+                        "cold p99 ÷ hot p99",
+                        "requests",
+                        "errors",
+                    ),
+                )
+            },
+            per_bed=True,
+        ),
+        Scenario(
+            "cold",
+            "RESULTS.md",
+            "A task not served before",
+            {"register a task (parse + validate + prepare) ÷ batch-1 forward": "≤ 0.5"},
+            {
+                "cold": Table(
+                    "In process: register vs a batch-1 forward; over HTTP: a task's first "
+                    "request vs its second",
+                    (
+                        "backbone",
+                        "register ms",
+                        "batch-1 forward ms",
+                        "register ÷ forward",
+                        "first request ms",
+                        "second request ms",
+                        "first ÷ second",
+                    ),
+                )
+            },
+            per_bed=True,
+        ),
+        Scenario(
+            "cost",
+            "RESULTS.md",
+            "Per-task cost",
+            {"task file ÷ ideal (1 bit per masked weight + head)": "≤ 1.1"},
+            {
+                "bytes": Table(
+                    "Bytes per task on disk",
+                    (
+                        "backbone",
+                        "masked weights",
+                        "ideal bytes",
+                        "file bytes",
+                        "÷ ideal",
+                        "full copy bytes",
+                    ),
+                ),
+                "redis": Table(
+                    "Bytes per task in Redis",
+                    (
+                        "backbone",
+                        "task key bytes",
+                        "used_memory per task",
+                        "key ÷ ideal",
+                        "used_memory ÷ ideal",
+                    ),
+                ),
+                "scale": Table(
+                    "The server with N registered tasks",
+                    ("backbone", "tasks", "start-up s", "RSS MB", "RSS growth per task KB"),
+                ),
+            },
+            per_bed=True,
+        ),
+        Scenario(
+            "peers",
+            "RESULTS.md",
+            "The peers: Ray Serve and LitServe",
+            {
+                "ours ÷ Ray Serve multiplex, 100 tasks, images per CPU-s": "≥ 3",
+                "ours ÷ LitServe, 1 task, images per CPU-s": "",
+            },
+            {
+                "sides": Table(
+                    "Closed loop, same requests and load generator, sides interleaved",
+                    ("side", "images/s", "images/CPU-s", *_LATENCY, "requests", "errors", "RSS MB"),
+                ),
+                "setup": Table(
+                    "The peers as run",
+                    ("peer", "version", "start-up s", "bytes per task", "copies held"),
+                ),
+            },
+            per_bed=True,
+            first_bed_only=True,
+            in_quick=False,
+        ),
+        Scenario(
+            "accuracy",
+            "accuracy.md",
+            "Demo tasks",
+            {},
+            {
+                "tasks": Table(
+                    "The bundled demo tasks, from their artifacts' metadata and files",
+                    (
+                        "task",
+                        "dataset",
+                        "train / test",
+                        "epochs",
+                        "held-out accuracy %",
+                        "switched off %",
+                        "file bytes",
+                        "bits/weight",
+                        "format",
+                        "backbone",
+                        "input px",
+                        "created",
+                    ),
+                )
+            },
+        ),
+        Scenario(
+            "artifact",
+            "artifact_size.md",
+            "The artifact against its entropy",
+            {
+                "bits per masked weight, demo tasks (worst)": "≤ 0.25",
+                "bytes per task ÷ (entropy of its masks + head)": "≤ 1.3",
+                "decode ÷ batch-1 forward": "≤ 0.5",
+            },
+            {
+                "tasks": Table(
+                    "Demo tasks (format 2)",
+                    (
+                        "task",
+                        "switched off %",
+                        "format 1 bytes",
+                        "format 2 bytes",
+                        "bits/weight",
+                        "entropy + head bytes",
+                        "÷ (entropy + head)",
+                        "codings",
+                        "decode ms",
+                        "forward ms",
+                        "decode ÷ forward",
+                    ),
+                ),
+                "density": Table(
+                    "Format 2 at denser masks (same fraction off in every parameter, 10 labels)",
+                    (
+                        "switched off %",
+                        "masks bits/weight",
+                        "with head bits/weight",
+                        "÷ (entropy + head)",
+                        "coding",
+                        "engine patch bytes",
+                    ),
+                ),
+            },
+        ),
+        Scenario(
+            "codings",
+            "artifact_size.md",
+            "Codings of the demo tasks' masks",
+            {},
+            {
+                "codings": Table(
+                    "All of a task's masks, decoded to positions on one thread",
+                    ("task", "entropy bytes", "coding", "bytes", "÷ entropy", "decode ms"),
+                )
+            },
+        ),
+        Scenario(
+            "propagation",
+            "replica_propagation.md",
+            "An upload on replica A, served by replica B",
+            {"upload → first correct prediction on another replica, median ms": "≤ 1000"},
+            {
+                "cases": Table(
+                    "Two replicas and redis-server on loopback; from the PUT's 201 on A",
+                    (
+                        "case",
+                        "uploads",
+                        "B knows, median ms",
+                        "B knows, max ms",
+                        "first correct, median ms",
+                        "first correct, p90 ms",
+                        "first correct, max ms",
+                    ),
+                )
+            },
+            in_quick=False,
+        ),
+        Scenario(
+            "multitask",
+            "MULTITASK.md",
+            "Many tasks at the speed of one",
+            {
+                "many ÷ one task, 200 tasks, HTTP": "≥ 0.80",
+                "mixed ÷ one task, 4 tasks, HTTP": "≥ 0.95",
+                "task switch ÷ batch-1 forward": "≤ 0.05",
+                "engine ÷ plain model, one task, in-process": "≥ 0.97",
+                "server memory per task ÷ artifact bytes (RSS)": "≤ 1.5",
+                "task state bytes per task ÷ artifact bytes": "≤ 1.5",
+            },
+            {
+                "http": Table(
+                    "Over HTTP, 8 clients, closed loop",
+                    ("backbone", "side", "images/s", "images/CPU-s", "p50 ms", "errors"),
+                ),
+                "mixed": Table(
+                    "A batch of 8 mixing tasks, in process: ms per batch",
+                    ("backbone", "mix", "per-task", "one-pass", "corrections", "segments", "best"),
+                ),
+                "layers": Table(
+                    "Time per layer kind, ms per batch (forward hooks, corrections included)",
+                    ("backbone", "mix", "strategy", "depthwise", "kxk", "pointwise", "linear"),
+                ),
+            },
+            cpu_only=True,
+        ),
+        Scenario(
+            "workers",
+            "RESULTS.md",
+            "Engine workers against the limit",
+            {
+                "server ÷ limit, 1 task, HTTP, 64 px": "≥ 0.75",
+                "server ÷ limit, 1 task, HTTP, 224 px": "≥ 0.90",
+                "CPU outside the engine ÷ engine CPU, per image, 64 px": "≤ 0.30",
+                "engine pool, b8: 2 workers ÷ 1 worker, images/s (processes)": "≥ 1.8",
+                "in-process workers, b8: 2 threads ÷ 1 thread, images/s": "",
+                "requests failed when a worker is killed under load": "≤ 8",
+            },
+            {
+                "serving": Table(
+                    "The limit (BN-folded module, 1 thread, best of batch 1 and 8) and the "
+                    "server (all its processes), interleaved",
+                    (
+                        "config",
+                        "limit images/CPU-s",
+                        "server images/CPU-s",
+                        "server images/s",
+                        "parent CPU s",
+                        "workers CPU s",
+                    ),
+                ),
+                "scaling": Table(
+                    "Engine pool (processes) and in-process workers (threads), batch 8",
+                    ("config", "mode", "1 images/s", "2 images/s"),
+                ),
+                "kill": Table(
+                    "An engine worker SIGKILLed under load",
+                    ("config", "requests", "failed", "restarts", "answered after (of 20)"),
+                ),
+            },
+            cpu_only=True,
+        ),
+        Scenario(
+            "families",
+            "families.md",
+            "Backbone families",
+            {},
+            {
+                "families": Table(
+                    "Random-init weights, fp32, one CPU thread, one synthetic task (~1% off)",
+                    (
+                        "family",
+                        "input px",
+                        "maskable weights",
+                        "engine ÷ plain b8",
+                        "engine ÷ plain b1",
+                        "switch ÷ b1 forward",
+                        "artifact bytes",
+                        "bits/weight",
+                        "task state bytes",
+                    ),
+                ),
+                "rates": Table(
+                    "Behind the ratios: images per CPU second, CPU ms",
+                    (
+                        "family",
+                        "plain b8",
+                        "engine b8",
+                        "plain b1",
+                        "engine b1",
+                        "switch ms",
+                        "b1 forward ms",
+                        "switched off",
+                        "state bytes, one-pass",
+                        "head bytes",
+                    ),
+                ),
+                "failed": Table("Not measured", ("family", "error")),
+            },
+            cpu_only=True,
+        ),
+        Scenario(
+            "compile",
+            "compile.md",
+            "torch.compile for an engine worker",
+            {},
+            {
+                "compile": Table(
+                    "One torch thread, fp32, the BN-folded channels_last module",
+                    (
+                        "backbone",
+                        "px",
+                        "batch",
+                        "compile s",
+                        "eager ms",
+                        "compiled ms",
+                        "eager ÷ compiled",
+                    ),
+                )
+            },
+            cpu_only=True,
+            in_quick=False,
+        ),
+        Scenario(
+            "ray_proxy",
+            "ray_proxy.md",
+            "Ray Serve's proxy in front of the app",
+            {
+                "Ray proxy ÷ direct, 1 task, HTTP (1 replica), images per CPU-s": "",
+                "Ray proxy ÷ direct, 1 task, HTTP (2 replicas), images per CPU-s": "",
+                "a killed replica replaced (SIGKILL → a new replica answers), s": "",
+            },
+            {
+                "sides": Table(
+                    "One task, closed loop; serving side = every process of it",
+                    ("side", "images/s", "images/CPU-s", *_LATENCY, "errors"),
+                ),
+                "startup": Table("Start-up to ready", ("side", "s")),
+            },
+            in_quick=False,
+        ),
+        Scenario(
+            "long_training",
+            "accuracy.md",
+            "Longer training on more data (Fashion-MNIST)",
+            {},
+            {
+                "runs": Table(
+                    "Each mode on the same split, the demo backbone at 64 px, frozen BN, seed 0",
+                    (
+                        "mode",
+                        "train",
+                        "test",
+                        "epochs",
+                        "test accuracy %",
+                        "switched off %",
+                        "artifact bytes",
+                        "seconds",
+                    ),
+                )
+            },
+            in_full_run=False,
+        ),
+        Scenario(
+            "gpu",
+            "GPU.md",
+            "The engine on a CUDA device",
+            {
+                "task switch ÷ batch-1 forward": "≤ 0.05",
+                "engine ÷ plain model, one task, in-process": "≥ 0.97",
+            },
+            {
+                "mixed": Table(
+                    "Mixed batches in process: ms per batch",
+                    ("backbone", "mix", "per-task", "one-pass", "corrections", "segments", "best"),
+                ),
+                "http": Table(
+                    "Over HTTP, one engine worker per device",
+                    ("backbone", "server images/s", "p50 ms", "errors"),
+                ),
+            },
+            cuda_only=True,
+        ),
+        Scenario(
+            "docker",
+            "docker.md",
+            "Docker image and Compose stack",
+            {},
+            {"figures": Table("As the check's log prints them", ("figure", "value"))},
+            in_full_run=False,
+            recorded_by="bash deploy/docker-check.sh",
+        ),
+        Scenario(
+            "ray_routing",
+            "ray_routing.md",
+            "Routing by task on Ray (serve.multiplexed), measured and not kept",
+            {"routed ÷ plain, 50 tasks, 2 replicas, images per CPU-s": "> 1 to keep it"},
+            {
+                "sides": Table(
+                    "50 tasks uniformly at random, resnet18 64 px b16, 32 clients",
+                    ("side", "images/s", "images/CPU-s", *_LATENCY, "errors"),
+                )
+            },
+            in_full_run=False,
+            recorded_by="python -m bench.ray_routing --repeats 3 --window-s 8",
+        ),
+    )
+}

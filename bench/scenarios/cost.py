@@ -1,4 +1,5 @@
-"""Scenario 2: what a task costs: bytes on disk and in Redis, memory, start-up time."""
+"""What a task costs: bytes on disk and in Redis; the server's memory and start-up time with
+N registered tasks (Redis and N tasks on the first bed only)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,67 @@ from bench import fixtures, procs
 from bench.bed import Bed
 
 N_REDIS = 10
+
+
+def measure(bed: Bed, first: bool = False) -> dict:
+    out = {"bytes": bytes_on_disk(bed)}
+    if first:
+        out["redis"] = redis_bytes(bed)
+        out["scale"] = scale(bed)
+    return out
+
+
+def summarize(beds: dict) -> dict:
+    figures, on_disk, redis, scaled = [], [], [], []
+    for label, c in beds.items():
+        b = c["bytes"]
+        figures.append(
+            {
+                "figure": "task file ÷ ideal (1 bit per masked weight + head)",
+                "on": label,
+                "value": b["ratio"],
+            }
+        )
+        on_disk.append(
+            [
+                b["backbone"],
+                b["maskable_weights"],
+                b["ideal_bytes"],
+                b["file_bytes"],
+                b["ratio"],
+                b["full_copy_bytes"],
+            ]
+        )
+        r = c.get("redis")
+        if r and "error" not in r:
+            redis.append(
+                [
+                    b["backbone"],
+                    r["task_key_bytes"],
+                    r["used_memory_per_task"],
+                    r["ratio_key"],
+                    r["ratio_used_memory"],
+                ]
+            )
+        if c.get("scale"):
+            rows = c["scale"]["rows"]
+            for row in rows:
+                per = (
+                    (row["rss_bytes"] - rows[0]["rss_bytes"]) / row["tasks"]
+                    if row["tasks"]
+                    else None
+                )
+                scaled.append(
+                    [
+                        b["backbone"],
+                        row["tasks"],
+                        row["startup_s"],
+                        row["rss_bytes"] / 1e6,
+                        None if per is None else per / 1e3,
+                    ]
+                )
+    tables = {"bytes": on_disk, "redis": redis, "scale": scaled}
+    return {"figures": figures, "tables": tables}
 
 
 def bytes_on_disk(bed: Bed) -> dict:

@@ -1,7 +1,7 @@
-"""Scenario 4: the peers, same images, same tasks, same load generator, interleaved.
+"""The peers, same images, same tasks, same load generator, interleaved.
 
-ray100  Ray Serve, a full fine-tuned copy per task, @serve.multiplexed LRU holding as
-        many copies as our cache holds materialised tasks (the same bytes), 100 tasks
+ray100  Ray Serve, a full fine-tuned copy per task, an @serve.multiplexed LRU of
+        `peer_models` copies per replica, 100 tasks
 ours100 our server, the same 100 tasks
 lit1    LitServe serving one fine-tuned copy with its batching (multipart bodies)
 ours1   our server, one task, the same multipart bodies
@@ -20,7 +20,8 @@ import torch
 from bench import fixtures, loadgen
 from bench.bed import Bed
 from bench.procs import Proc, start_module
-from bench.scenarios.serving import summary
+from bench.scenarios.serving import rates, summary
+from bench.stats import Spread, ratios
 
 
 def _multipart_chooser(bed: Bed, path_for, n_tasks: int, headers_for=None):
@@ -89,7 +90,7 @@ def _same_answers(bed: Bed, ray: Proc | None) -> bool | None:
     return ours == theirs
 
 
-def run(bed: Bed) -> dict:
+def measure(bed: Bed, first: bool = False) -> dict:
     cfg, o = bed.config, bed.options
     folder = bed.workdir / f"full-{cfg.backbone}-{cfg.input_size}"
     started = time.perf_counter()
@@ -106,8 +107,7 @@ def run(bed: Bed) -> dict:
         "litserve_version": _version("litserve"),
         "copy_file_bytes": copy_bytes,
         "write_s": time.perf_counter() - started,
-        "max_models": o.cache_tasks,
-        "cache_bytes": bed.peer_cache_bytes,
+        "max_models": o.peer_models,
     }
     common = [
         "--models",
@@ -120,7 +120,7 @@ def run(bed: Bed) -> dict:
         bed.device,
     ]
     ray, out["ray"] = _start(
-        bed, "bench.peers.ray_serve", [*common, "--max-models", str(o.cache_tasks)], "ray", "/"
+        bed, "bench.peers.ray_serve", [*common, "--max-models", str(o.peer_models)], "ray", "/"
     )
     lit, out["litserve"] = _start(
         bed, "bench.peers.litserve_single", [*common, "--task", bed.names[0]], "litserve", "/health"
@@ -153,3 +153,49 @@ def run(bed: Bed) -> dict:
             if proc is not None:
                 proc.stop()
     return out
+
+
+CPU = "images_per_cpu_s"
+
+
+def summarize(beds: dict) -> dict:
+    figures, sides, setup = [], [], []
+    for label, p in beds.items():
+        runs = p.get("runs", {})
+        for ours, peer, figure in (
+            ("ours100", "ray100", "ours ÷ Ray Serve multiplex, 100 tasks, images per CPU-s"),
+            ("ours1", "lit1", "ours ÷ LitServe, 1 task, images per CPU-s"),
+        ):
+            if ours in runs and peer in runs:
+                value = ratios(rates(runs[ours], CPU), rates(runs[peer], CPU))
+                figures.append({"figure": figure, "on": label, "value": value})
+        rss = p.get("rss_bytes", {})
+        rss_of = {
+            "ours100": "ours",
+            "ours1": "ours",
+            "ray100": "ray (all processes)",
+            "lit1": "litserve (all processes)",
+        }
+        for side, rs in runs.items():
+            mem = rss.get(rss_of.get(side, ""))
+            sides.append(
+                [
+                    side,
+                    Spread.of(rates(rs)),
+                    Spread.of(rates(rs, CPU)),
+                    Spread.of([r["p50_ms"] for r in rs]),
+                    Spread.of([r["p99_ms"] for r in rs]),
+                    sum(r["requests"] for r in rs),
+                    sum(sum(r["errors"].values()) for r in rs),
+                    None if mem is None else mem / 1e6,
+                ]
+            )
+        for peer, version, models in (
+            ("ray", "ray_version", p["max_models"]),
+            ("litserve", "litserve_version", 1),
+        ):
+            info = p.get(peer, {})
+            error = (info.get("error") or "").strip().splitlines()[-1:]  # the exception's line
+            started = info.get("startup_s", error[0] if error else None)
+            setup.append([peer, p.get(version), started, p["copy_file_bytes"], models])
+    return {"figures": figures, "tables": {"sides": sides, "setup": setup}}

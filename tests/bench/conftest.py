@@ -1,11 +1,21 @@
+from types import SimpleNamespace
 
 import pytest
+
+from bench.bed import Options
+
+
+@pytest.fixture
+def quick_ctx():
+    """What a scenario's measure() gets from bench/run.py, in --quick mode on the CPU."""
+    return SimpleNamespace(device="cpu", options=Options(quick=True, repeats=1, window_s=0.3))
 
 
 @pytest.fixture
 def multitask_http() -> dict:
-    """bench.multitask's HTTP results as a run returns them: one task 100 img/CPU-s, 200
-    tasks 85, 4 in turn 96; 50 bytes more RSS and 120 bytes of task state per task."""
+    """bench.scenarios.multitask's HTTP results as a run returns them: one task 100
+    img/CPU-s, 200 tasks 85, 4 in turn 96; 50 bytes more RSS and 120 bytes of task state
+    per task."""
     runs = lambda rate: [{"images_per_s": rate, "images_per_cpu_s": rate}] * 3  # noqa: E731
     return {
         "one": runs(100.0),

@@ -1,12 +1,14 @@
-"""The benchmark harness itself, fast: the load generator stays in its bounds, and the
-RESULTS.md writer puts the summary table with every issue's figure names first."""
+"""The benchmark harness itself, fast: the load generators stay in their bounds, the open
+loop keeps its arrival rate whatever the server does, Timer-based rates, small stats."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from bench import artifact_size, loadgen, report
+import torch
+
+from bench import loadgen, timing
 from bench.stats import Spread, percentile, ratios
 
 
@@ -96,95 +98,24 @@ def test_stats():
     assert Spread.of([]).fmt() == "n/a"
 
 
-def _runs(rate: float, **extra) -> list[dict]:
-    return [
-        {
-            "images_per_s": rate * k,
-            "images_per_cpu_s": rate * k,
-            "p50_ms": 10.0,
-            "p99_ms": 20.0,
-            "requests": 10,
-            "errors": {},
-            **extra,
-        }
-        for k in (0.9, 1.0, 1.1)
-    ]
+def test_open_loop_keeps_its_rate_and_counts_latency_from_the_schedule():
+    async def main():
+        server, port, served = await _serve(delay_s=0.2)  # slower than the arrivals
+        async with server:
+            started = time.perf_counter()
+            result = await loadgen.open_loop(port, lambda rng: _request(), rate=50, seconds=0.4)
+            return result, served(), time.perf_counter() - started
+
+    result, served, took = asyncio.run(main())
+    assert result.requests == served == 20 and not result.errors
+    assert took < 3
+    # a closed loop of one client would have sent 2; the open loop sent them all on time,
+    # and the last one's latency includes no wait for the first ones
+    assert 0.19 < result.p(50) / 1000 < 1.0
 
 
-def fake_results() -> dict:
-    serving = {
-        v: _runs(r)
-        for v, r in (("raw", 100), ("engine", 99), ("http1", 96), ("http10", 92), ("http100", 40))
-    }
-    serving["raw"] = [
-        {"images_per_s": r["images_per_s"], "images_per_cpu_s": r["images_per_s"]}
-        for r in serving["raw"]
-    ]
-    return {
-        "meta": {"date": "today", "device": "cpu", "command": "python -m bench", "load": "x"},
-        "beds": {
-            "efficientnet_lite0 224px b8": {
-                "config": {"clients": 16},
-                "serving": serving,
-                "bytes": {
-                    "backbone": "efficientnet_lite0",
-                    "maskable_weights": 8,
-                    "ideal_bytes": 100,
-                    "file_bytes": 101,
-                    "ratio": 1.01,
-                    "full_copy_bytes": 800,
-                },
-                "cold": {
-                    "register_ms": [1, 2, 3],
-                    "forward_b1_ms": [4, 4, 4],
-                    "first_request_cold_ms": [5, 6, 7],
-                    "first_request_warm_ms": [5, 5, 5],
-                },
-            }
-        },
-        "peers": {
-            "runs": {"ours100": _runs(30), "ray100": _runs(10)},
-            "copy_file_bytes": 1,
-            "max_models": 10,
-            "cache_bytes": 10,
-        },
-        "skipped": [],
-    }
-
-
-def test_results_start_with_the_summary_table_and_its_figures(multitask_http):
-    results = fake_results()
-    results["multitask"] = {"beds": {"resnet18 64px b8": {"http": multitask_http}}}
-    results["artifact"] = {"figures": {artifact_size.ROW_BITS: 0.2}, "tasks": []}
-    text = report.render(results, ["serving_ratio.png"])
-    lines = text.splitlines()
-    assert lines[0] == "| figure | goal | value |" and lines[1] == "| --- | --- | --- |"
-    rows = [line.removeprefix("| ").removesuffix(" |").split(" | ") for line in lines[2:16]]
-    assert [r[0] for r in rows[:5]] == [
-        "serving ÷ raw, 1 task, HTTP (efficientnet_lite0 224px b8)",
-        "serving ÷ raw, 10 tasks, HTTP (efficientnet_lite0 224px b8)",
-        "serving ÷ raw, 100 tasks, HTTP (efficientnet_lite0 224px b8)",
-        "register a task (parse + validate + engine.prepare) ÷ batch-1 forward",
-        "ours ÷ Ray Serve multiplex, 100 tasks",
-    ]
-    assert [r[2] for r in rows[:5]] == ["0.960", "0.920", "0.400", "0.500", "3.000"]
-    by_name = {r[0]: r[1:] for r in rows}
-    assert by_name["many ÷ one task, 200 tasks, HTTP (resnet18 64px b8)"] == ["≥ 0.80", "0.850"]
-    assert by_name["task switch ÷ batch-1 forward (resnet18 64px b8)"][1] == "not measured"
-    assert by_name[artifact_size.ROW_BITS] == ["≤ 0.25", "0.200"]
-    assert by_name[artifact_size.ROW_ENTROPY] == ["≤ 1.3", "not measured"]
-    assert "## 6. Many tasks at the speed of one" in text
-    assert "![serving_ratio.png](serving_ratio.png)" in text
-
-
-def test_a_figure_not_measured_says_so():
-    results = fake_results()
-    del results["peers"]
-    text = report.render(results, [])
-    assert "| ours ÷ Ray Serve multiplex, 100 tasks | ≥ 3 (CPU) | not measured |" in text
-
-
-def test_plots_are_written(tmp_path):
-    made = report.plots(fake_results(), tmp_path)
-    assert "serving_ratio.png" in made and "peers.png" in made
-    assert all((tmp_path / name).stat().st_size < 200_000 for name in made)
+def test_timer_rates_are_per_image():
+    x = torch.randn(64, 64)
+    found = timing.rate(lambda: x @ x, images=8, seconds=0.1, threads=1)
+    assert found["images_per_s"] > 0 and found["images_per_cpu_s"] > 0
+    assert timing.ms(lambda: x @ x, 0.05, threads=1) > 0

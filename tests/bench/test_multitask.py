@@ -1,12 +1,11 @@
-"""Issue 11's bench code runs (tiny, CPU): tasks, the in-process figures, the report."""
+"""bench/scenarios/multitask.py and gpu.py run (tiny, CPU): tasks, the in-process figures,
+the rows they reduce to."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from bench import gpu, multitask
+from bench.scenarios import gpu, multitask
 from piggyback_serve.masks import artifact as artifacts
 
 
@@ -23,30 +22,24 @@ def test_switch_off_more_switches_off_more_bits():
     assert more.task == "m1"
 
 
-def test_gpu_bench_quick_on_cpu(tmp_path, capsys):
-    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "gpu.json").read_text())
-    (bed,) = results["beds"].values()
+def test_gpu_scenario_quick_on_cpu(quick_ctx):
+    results = gpu.measure(quick_ctx)
+    (bed,) = results.values()
     ip = bed["in_process"]
     assert ip["switch"]["switch_ms"][0] > 0 and ip["switch"]["forward_b1_ms"][0] > 0
     assert {"per-task 2x2", "one-pass 1x4", "corrections 2x2", "segments 4x1"} <= set(
         ip["mixed"]["ms"]
     )
     assert ip["mixed"]["layers_ms"]["segments 4x1"]["kxk"] > 0
-    text = (tmp_path / "GPU.md").read_text()
-    assert "| task switch ÷ batch-1 forward | ≤ 0.05 |" in text
-    assert "4x1 winners:" in text
-
-
-def test_gpu_bench_refuses_without_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu.main(["--device", "cuda"]) == 2
+    found = gpu.summarize(results)
+    names = {f["figure"] for f in found["figures"]}
+    assert {"task switch ÷ batch-1 forward", "engine ÷ plain model, one task, in-process"} <= names
+    assert [row[1] for row in found["tables"]["mixed"]] == ["1x4", "2x2", "4x1"]
 
 
 def test_figures_from_http_results(multitask_http):
-    h = multitask_http
-    f = multitask.figures({"http": h})
-    assert f["many ÷ one task, 200 tasks, HTTP"] == 0.85
-    assert f["mixed ÷ one task, 4 tasks, HTTP"] == 0.96
+    f = multitask.figures({"http": multitask_http})
+    assert f["many ÷ one task, 200 tasks, HTTP"].median == 0.85
+    assert f["mixed ÷ one task, 4 tasks, HTTP"].median == 0.96
     assert f["server memory per task ÷ artifact bytes (RSS)"] == 0.5
-    assert f["task_state_bytes per task ÷ artifact bytes"] == 1.2
+    assert f["task state bytes per task ÷ artifact bytes"] == 1.2

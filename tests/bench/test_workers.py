@@ -1,11 +1,14 @@
-"""bench/workers.py (issue 19): its figures from made-up runs (fast), the report rows, and
-its quick mode end to end (slow: starts servers and pools)."""
+"""bench/scenarios/workers.py: its figures from made-up runs (fast), and its quick mode end
+to end (slow: starts servers and pools)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from bench import report, workers
+from bench.bed import Options
+from bench.scenarios import SCENARIOS, workers
 
 
 def _bed() -> dict:
@@ -20,15 +23,7 @@ def _bed() -> dict:
             "pool": {"1": [10.0, 10.0], "2": [19.0, 19.0]},
             "threads": {1: [10.0], 2: [12.0]},
         },
-        "kill": {
-            "failed": 3,
-            "requests": 100,
-            "errors": {"503": 3},
-            "max_batch": 8,
-            "killed_pid": 1,
-            "restarts": 1,
-            "answers_after": 20,
-        },
+        "kill": {"failed": 3, "requests": 100, "restarts": 1, "answers_after": 20},
     }
 
 
@@ -41,19 +36,20 @@ def test_figures_from_made_up_runs():
     assert f["requests failed when a worker is killed under load"] == 3
 
 
-def test_rows_reach_the_summary_table():
-    results = {"beds": {}, "workers": {"beds": {"resnet18 64px b8": _bed()}}}
-    rows = {name: (goal, value) for name, goal, value in report.summary_rows(results)}
-    assert rows["server ÷ limit, 1 task, HTTP, 64 px (resnet18 64px b8)"][0] == "≥ 0.75"
-    assert "## 8. Engine workers against the limit (issue 19)" in "\n".join(
-        report._workers(results)
+def test_every_figure_and_table_is_declared():
+    found = workers.summarize(
+        {"resnet18 64px b8": _bed(), "resnet18 224px b8": {**_bed(), "size": 224}}
     )
+    assert {f["figure"] for f in found["figures"]} == set(SCENARIOS["workers"].figures)
+    for key, rows in found["tables"].items():
+        columns = SCENARIOS["workers"].tables[key].columns
+        assert rows and all(len(row) == len(columns) for row in rows), key
 
 
 @pytest.mark.slow
 def test_quick_mode_runs():
-    results = workers.run(quick=True)
-    (bed,) = results["beds"].values()
+    results = workers.measure(SimpleNamespace(device="cpu", options=Options(quick=True)))
+    (bed,) = results.values()
     f = workers.figures(bed)
     assert f["server ÷ limit, 1 task, HTTP, 64 px"] > 0
     assert bed["kill"]["restarts"] >= 1 and bed["kill"]["answers_after"] == 20

@@ -1,9 +1,5 @@
 """Ray Serve in front of our app vs our app alone: images per CPU-second of the serving side.
 
-    python -m bench.ray_proxy [--backbone efficientnet_lite0 --weights pretrained
-        --input-size 224 --batch 8 --clients 16]
-        [--repeats 3 --window-s 5] [--quick] [--out bench/results/ray_proxy.md]
-
 One task over HTTP on loopback, the same load generator and requests for every side:
 - direct: `piggy-serve` (uvicorn), the whole machine;
 - ray1:   `piggy-serve --ray --replicas 1`, the replica given every CPU;
@@ -11,16 +7,12 @@ One task over HTTP on loopback, the same load generator and requests for every s
 Sides are measured in turns, repeat by repeat; "serving side" CPU is every process of that
 side (for Ray: proxy, replicas, controller, raylet, GCS, agents). Then one ray2 replica is
 killed with SIGKILL, and the time until a new replica answers is recorded.
-figures() runs it all and returns the numbers (the lead's report calls it).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +26,10 @@ from bench.scenarios.serving import summary
 from bench.stats import Spread, ratios
 from tests.ray.ray_support import RayServe, replica_pid
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "ray_proxy.md"
 REPLACE_GIVE_UP_S = 300.0
 # bench/run.py's first CPU config: the demo backbone, its real weights.
 DEFAULT = Config("efficientnet_lite0", None, 224, 8, 16)
+QUICK = Config("resnet18", "random", 32, 4, 8)
 
 
 class RaySide:
@@ -123,18 +114,13 @@ def _measure(bed: Bed, sides: dict, repeats: int) -> dict[str, list[dict]]:
     return runs
 
 
-def figures(
-    config: Config | None = None,
-    repeats: int = 3,
-    window_s: float = 5.0,
-    device: str = "cpu",
-    workdir: Path | None = None,
-) -> dict:
-    """Run everything; the figures and the runs behind them."""
-    config = config or DEFAULT
-    options = Options(repeats=repeats, window_s=window_s, warmup_s=1.5, n_tasks=1, cache_tasks=1)
+def measure(ctx) -> dict:
+    """Every side, then a replica killed; the runs behind the figures."""
+    config = QUICK if ctx.options.quick else DEFAULT
+    repeats = 1 if ctx.options.quick else max(2, ctx.options.repeats - 1)
+    options = Options(repeats=repeats, window_s=ctx.options.window_s, warmup_s=1.5, n_tasks=1)
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-        bed = Bed(config, options, Path(workdir or tmp), device)
+        bed = Bed(config, options, Path(tmp), ctx.device)
         out: dict = {"config": config.label, "clients": config.clients, "cpus": os.cpu_count()}
         try:
             direct = bed.start_server()
@@ -157,8 +143,6 @@ def figures(
         "direct_b": second["direct"],
         "ray2": second["ray2"],
     }
-    out["ray1_over_direct"] = _ratio(first["ray1"], first["direct"])
-    out["ray2_over_direct"] = _ratio(second["ray2"], second["direct"])
     return out
 
 
@@ -166,75 +150,39 @@ def _per_cpu(runs: list[dict]) -> list[float]:
     return [r["images_per_cpu_s"] or float("nan") for r in runs]
 
 
-def _ratio(side: list[dict], direct: list[dict]) -> float:
-    return ratios(_per_cpu(side), _per_cpu(direct)).median
-
-
-def render(fig: dict, command: str) -> str:
+def summarize(fig: dict) -> dict:
     runs = fig["runs"]
-    lines = [
-        "# Ray Serve's proxy in front of our app",
-        "",
-        f"`{command}` on {platform.machine()}, {fig['cpus']} CPUs (shared), Python "
-        f"{platform.python_version()}: {fig['config']}, ×{fig['clients']} clients, one task, "
-        "HTTP on loopback. Images per CPU-second of the serving side (all its processes), "
-        "median [min–max] over the repeats; ratios per repeat, sides measured in turns.",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
-        f"| Ray proxy ÷ direct, 1 task, HTTP (1 replica) | "
-        f"{ratios(_per_cpu(runs['ray1']), _per_cpu(runs['direct_a'])).fmt()} |",
-        f"| Ray proxy ÷ direct, 1 task, HTTP (2 replicas) | "
-        f"{ratios(_per_cpu(runs['ray2']), _per_cpu(runs['direct_b'])).fmt()} |",
-        f"| a killed replica replaced (SIGKILL → a new replica answers) | "
-        f"{fig['replaced_s']:.1f} s |",
-        f"| start-up to ready: 1 replica / 2 replicas | "
-        f"{fig['ray1_startup_s']:.1f} s / {fig['ray2_startup_s']:.1f} s |",
-        "",
-        "| side | img/s | img per CPU-s | p50 ms | p99 ms | errors |",
-        "| --- | --- | --- | --- | --- | --- |",
+    on = f"{fig['config']}, ×{fig['clients']} clients"
+    figures = [
+        {
+            "figure": "Ray proxy ÷ direct, 1 task, HTTP (1 replica), images per CPU-s",
+            "on": on,
+            "value": ratios(_per_cpu(runs["ray1"]), _per_cpu(runs["direct_a"])),
+        },
+        {
+            "figure": "Ray proxy ÷ direct, 1 task, HTTP (2 replicas), images per CPU-s",
+            "on": on,
+            "value": ratios(_per_cpu(runs["ray2"]), _per_cpu(runs["direct_b"])),
+        },
+        {
+            "figure": "a killed replica replaced (SIGKILL → a new replica answers), s",
+            "on": on,
+            "value": fig.get("replaced_s"),
+        },
     ]
-    for name, rs in runs.items():
-        errors = sum(sum(r["errors"].values()) for r in rs)
-        lines.append(
-            f"| {name} | {Spread.of([r['images_per_s'] for r in rs]).fmt(1)} | "
-            f"{Spread.of(_per_cpu(rs)).fmt(1)} | {Spread.of([r['p50_ms'] for r in rs]).fmt(0)} | "
-            f"{Spread.of([r['p99_ms'] for r in rs]).fmt(0)} | {errors} |"
-        )
-    lines += [
-        "",
-        "direct_a and ray1 were measured in turns, then direct_b and ray2. Two replicas on "
-        "this CPU-bound machine share the same cores (half each), so no gain is expected "
-        "from them here; they show what the second replica and Ray's routing cost. The "
-        "replacement time is Ray noticing the dead actor, starting a new one and our app "
-        "loading its backbone in it.",
+    sides = [
+        [
+            name,
+            Spread.of([r["images_per_s"] for r in rs]),
+            Spread.of(_per_cpu(rs)),
+            Spread.of([r["p50_ms"] for r in rs]),
+            Spread.of([r["p99_ms"] for r in rs]),
+            sum(sum(r["errors"].values()) for r in rs),
+        ]
+        for name, rs in runs.items()
     ]
-    return "\n".join(lines) + "\n"
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default=DEFAULT.backbone)
-    p.add_argument("--weights", default="pretrained", help="'pretrained' or 'random'")
-    p.add_argument("--input-size", type=int, default=DEFAULT.input_size)
-    p.add_argument("--batch", type=int, default=DEFAULT.batch)
-    p.add_argument("--clients", type=int, default=DEFAULT.clients)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--window-s", type=float, default=5.0)
-    p.add_argument("--quick", action="store_true", help="one short repeat (a smoke run)")
-    p.add_argument("--out", default=str(RESULTS), help="markdown written here ('' for none)")
-    args = p.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m bench` (RESULTS.md)
-    weights = None if args.weights == "pretrained" else args.weights
-    config = Config(args.backbone, weights, args.input_size, args.batch, args.clients)
-    repeats, window = (1, 2.0) if args.quick else (args.repeats, args.window_s)
-    fig = figures(config, repeats, window)
-    text = render(fig, "python -m bench.ray_proxy " + " ".join(sys.argv[1:]))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    startup = [
+        ["ray, 1 replica", fig["ray1_startup_s"]],
+        ["ray, 2 replicas", fig["ray2_startup_s"]],
+    ]
+    return {"figures": figures, "tables": {"sides": sides, "startup": startup}}

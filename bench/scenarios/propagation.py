@@ -8,14 +8,12 @@ offline prediction. Two cases:
 - new: each upload is a new task name (B also rescans when it misses a name);
 - replace: the same name re-uploaded with other weights (B already serves the old ones,
   so only the Redis notice can tell it: the pub/sub path alone).
-
-    python bench/replica_propagation.py [--uploads 20] [--out bench/results/replica_propagation.md]
+Timed from the PUT's 201 on A to B's first /predict answering the new artifact's offline
+top-3 (scores within 1e-5).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import shutil
 import statistics
 import sys
@@ -24,14 +22,13 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from bench.stats import percentile
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.backbones import load_backbone
 from tests.redis.compose_env import replica
 from tests.redis.redis_support import RedisServer, free_port
 from tests.redis.redis_support import replica as start_replica
 from tests.server.server_support import Reference, make_artifact, png
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/octet-stream"}
@@ -44,11 +41,8 @@ IMAGE = png(4242)
 GIVE_UP_S = 10.0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--uploads", type=int, default=20)
-    p.add_argument("--out", help="write a markdown summary here")
-    args = p.parse_args()
+def measure(ctx) -> dict:
+    uploads = 3 if ctx.options.quick else 20
 
     backbone = load_backbone("resnet18", "random")
     blobs, tops = [], []
@@ -67,7 +61,9 @@ def main() -> int:
         redis.start()
         stack.callback(redis.kill)
         command, env = replica(VARIABLES)
-        argv = [shutil.which(command[0]) or command[0], *command[1:]]
+        beside = Path(sys.executable).with_name(command[0])  # the venv's, activated or not
+        argv = [str(beside) if beside.exists() else shutil.which(command[0]) or command[0]]
+        argv += command[1:]
         clients = []
         for name in "ab":
             port = free_port()
@@ -106,49 +102,40 @@ def main() -> int:
             for check in (knows, correct):
                 while not check(task, which):
                     if time.perf_counter() - started > GIVE_UP_S:
-                        raise SystemExit(f"{task}: B not correct after {GIVE_UP_S}s")
+                        raise TimeoutError(f"{task}: B not correct after {GIVE_UP_S}s")
                 times.append(time.perf_counter() - started)
             return times[0], times[1]
 
         results = {"new": [], "replace": []}
         upload_then_poll("replaced", 0)
-        for i in range(args.uploads):
+        for i in range(uploads):
             results["new"].append(upload_then_poll(f"new{i}", i % 2))
             results["replace"].append(upload_then_poll("replaced", (i + 1) % 2))
 
-    lines = [
-        "# Replica propagation: upload on A → first correct prediction on B",
-        "",
-        f"`python bench/replica_propagation.py --uploads {args.uploads}` on "
-        f"{platform.machine()}, {platform.python_version()}; two piggy-serve replicas "
-        "(compose env, resnet18 random weights, 32 px, CPU) and redis-server on loopback. "
-        "Timed from the PUT's 201 on A to B's first /predict answering the new artifact's "
-        "offline top-3 (scores within 1e-5).",
-        "",
-        "| case | uploads | B knows: median / max ms | first correct prediction: "
-        "median / p90 / max ms |",
-        "| --- | --- | --- | --- |",
-    ]
+    return results
+
+
+def summarize(results: dict) -> dict:
+    figures, rows = [], []
     for case, pairs in results.items():
         known = sorted(k * 1000 for k, _ in pairs)
         ms = sorted(c * 1000 for _, c in pairs)
-        p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
-        lines.append(
-            f"| {case} | {len(ms)} | {statistics.median(known):.1f} / {known[-1]:.1f} | "
-            f"{statistics.median(ms):.1f} / {p90:.1f} / {ms[-1]:.1f} |"
+        rows.append(
+            [
+                case,
+                len(ms),
+                statistics.median(known),
+                known[-1],
+                statistics.median(ms),
+                percentile(ms, 90),
+                ms[-1],
+            ]
         )
-    lines += [
-        "",
-        '"B knows": B\'s own GET /tasks/NAME shows the new artifact (catalog updated by the '
-        'Redis notice; for `new`, a miss also makes B rescan). The rest of "first correct '
-        'prediction" is B materialising W*mask for the new artifact on its first request.',
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        figures.append(
+            {
+                "figure": "upload → first correct prediction on another replica, median ms",
+                "on": case,
+                "value": statistics.median(ms),
+            }
+        )
+    return {"figures": figures, "tables": {"cases": rows}}

@@ -1,6 +1,6 @@
 """How the demo tasks' masks code: Elias–Fano (format 2's choice) against gap codings.
 
-    python -m bench.codings     # zstd rows need the zstandard package (not a dependency)
+zstd rows need the zstandard package (not a dependency).
 
 Per task: total bytes of all masks and the time to decode them to positions (median of
 repeats, one thread), for Elias–Fano, varint gaps, varint gaps + zstd -19, and the bitmap,
@@ -9,13 +9,10 @@ next to the masks' entropy. Why format 2 uses Elias–Fano (src/piggyback_serve/
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
-import torch
 
-from bench.artifact_size import binary_entropy_bytes
+from bench import timing
+from bench.scenarios.artifact import binary_entropy_bytes
 from piggyback_serve.masks import artifact, codec, demo
 
 
@@ -38,14 +35,8 @@ def varint_decode(raw: bytes, count: int) -> np.ndarray:
     return np.cumsum(gaps + 1) - 1
 
 
-def _median_s(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_s(fn) -> float:
+    return timing.ms(fn, 0.2, threads=1) / 1e3
 
 
 def codings(task, backbone, zstd) -> dict[str, tuple[int, float]]:
@@ -56,31 +47,41 @@ def codings(task, backbone, zstd) -> dict[str, tuple[int, float]]:
     bm = {n: codec.encode(codec.BITMAP, o, u) for n, (o, u) in offs.items()}
     vg = {n: varint_gaps(o) for n, (o, _) in offs.items()}
     rows = {
-        "elias-fano": (sum(s.size for s in ef.values()), lambda: [
-            codec.decode(codec.ELIAS_FANO, ef[n], o.size, u) for n, (o, u) in offs.items()]),
-        "bitmap": (sum(s.size for s in bm.values()), lambda: [
-            codec.decode(codec.BITMAP, bm[n], o.size, u) for n, (o, u) in offs.items()]),
-        "varint gaps": (sum(map(len, vg.values())), lambda: [
-            varint_decode(vg[n], o.size) for n, (o, _) in offs.items()]),
-    }  # fmt: skip
+        "elias-fano": (
+            sum(s.size for s in ef.values()),
+            lambda: [
+                codec.decode(codec.ELIAS_FANO, ef[n], o.size, u) for n, (o, u) in offs.items()
+            ],
+        ),
+        "bitmap": (
+            sum(s.size for s in bm.values()),
+            lambda: [codec.decode(codec.BITMAP, bm[n], o.size, u) for n, (o, u) in offs.items()],
+        ),
+        "varint gaps": (
+            sum(map(len, vg.values())),
+            lambda: [varint_decode(vg[n], o.size) for n, (o, _) in offs.items()],
+        ),
+    }
     if zstd is not None:
         vz = {n: zstd.ZstdCompressor(level=19).compress(v) for n, v in vg.items()}
         d = zstd.ZstdDecompressor()
-        rows["varint gaps + zstd -19"] = (sum(map(len, vz.values())), lambda: [
-            varint_decode(d.decompress(vz[n], max_output_size=10 * o.size), o.size)
-            for n, (o, _) in offs.items()])  # fmt: skip
+        rows["varint gaps + zstd -19"] = (
+            sum(map(len, vz.values())),
+            lambda: [
+                varint_decode(d.decompress(vz[n], max_output_size=10 * o.size), o.size)
+                for n, (o, _) in offs.items()
+            ],
+        )
     return {name: (size, _median_s(fn)) for name, (size, fn) in rows.items()}
 
 
-def main() -> None:
+def measure(ctx) -> dict:
     try:
         import zstandard as zstd
     except ImportError:
         zstd = None
-    torch.set_num_threads(1)
     backbone = demo.load_demo_backbone()
-    print("| task | entropy bytes | coding | bytes | ÷ entropy | decode ms |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     for path in sorted(demo.BUNDLED_DIR.glob("*.safetensors")):
         task = artifact.load(path, backbone)
         entropy = sum(
@@ -90,11 +91,9 @@ def main() -> None:
         if not entropy:
             continue
         for name, (size, seconds) in codings(task, backbone, zstd).items():
-            print(
-                f"| {path.stem} | {entropy:,.0f} | {name} | {size:,} | {size / entropy:.2f} | "
-                f"{1e3 * seconds:.1f} |"
-            )
+            rows.append([path.stem, entropy, name, size, size / entropy, 1e3 * seconds])
+    return {"rows": rows}
 
 
-if __name__ == "__main__":
-    main()
+def summarize(raw: dict) -> dict:
+    return {"tables": {"codings": raw["rows"]}}

@@ -1,4 +1,4 @@
-"""Issue 11's figures: many tasks at the speed of one.
+"""Many tasks at the speed of one.
 
 In-process (any device): a task switch vs a batch-1 forward; the engine on one task vs
 the plain module; mixed batches (1x8, 2x4, 4x2, 8x1) run per task (the batch split by
@@ -12,6 +12,7 @@ Rates are images per CPU second of the measured process (and wall-clock images/s
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench import fixtures, loadgen, procs
+from bench import fixtures, loadgen, procs, timing
 from bench.fixtures import Config
+from bench.stats import Spread, ratios
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import TaskArtifact, pack_mask
 from piggyback_serve.masks.backbones import Backbone
@@ -150,31 +152,10 @@ class Bench:
         self.workers.clear()
 
 
-def rate(step, images: int, seconds: float, device: torch.device, max_steps: int) -> dict:
-    """Images per second and per CPU second of `step()` called back to back (one warm call)."""
-    step()
-    sync(device)
-    started, cpu, steps = time.perf_counter(), time.process_time(), 0
-    while steps < max_steps and (steps < 2 or time.perf_counter() - started < seconds):
-        step()
-        steps += 1
-    sync(device)
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return {"images_per_s": steps * images / wall, "images_per_cpu_s": steps * images / cpu}
-
-
 def median_s(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `fn()`: CPU seconds of this process on the CPU (the 2-core host is
-    shared, so wall time mostly measures the other tenants), wall time on CUDA."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = clock()
-        fn()
-        sync(device)
-        times.append(clock() - t)
-    return statistics.median(times)
+    """Median seconds per call of `fn()`: CPU seconds of this process on the CPU (the host
+    is shared, so wall time mostly measures the other tenants), wall time on CUDA."""
+    return timing.ms(fn, 0.05 * repeats) / 1e3
 
 
 def switch_figure(b: Bench, repeats: int) -> dict:
@@ -201,7 +182,7 @@ def engine_vs_plain(b: Bench, batch: int, repeats: int, seconds: float) -> dict:
     out = {k: [] for k in steps}
     for r in range(repeats):
         for k in sorted(steps, reverse=bool(r % 2)):
-            out[k].append(rate(steps[k], batch, seconds, b.device, 10_000))
+            out[k].append(timing.rate(steps[k], batch, seconds))
     return out
 
 
@@ -432,42 +413,57 @@ def start(workdir: Path, folder: Path, config: Config, tag: str) -> procs.Proc:
 
 
 # ---------------------------------------------------------------------------------------
-# `python -m bench.multitask`
+# The scenario
 
-CONFIGS = {
-    "efficientnet_lite0": Config("efficientnet_lite0", None, 64, 8, 8),
-    "resnet18": Config("resnet18", "random", 64, 8, 8),
-    # The many-tasks check at the backbone's native size (synthetic tasks: the demo
-    # tasks are 64 px). Run it with --http-only: the in-process tables are 64 px figures.
-    "efficientnet_lite0@224": Config("efficientnet_lite0", None, 224, 8, 8),
-}
+CONFIGS = [Config("efficientnet_lite0", None, 64, 8, 8), Config("resnet18", "random", 64, 8, 8)]
+QUICK = [Config("resnet18", "random", 32, 8, 8)]
 
 
-def ratio(a: list[float], b: list[float]) -> float:
-    """Median of per-repeat ratios a[i] / b[i]."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True) if x and y)
+def measure(ctx) -> dict:
+    """In process, then over HTTP, per backbone (CPU)."""
+    import sys
+    import tempfile
+
+    o = ctx.options
+    configs, tasks = (QUICK, 8) if o.quick else (CONFIGS, 200)
+    repeats, window_s = (1, 0.3) if o.quick else (o.repeats, o.window_s)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="piggy-mt-") as tmp:
+        work = Path(tmp)
+        for cfg in configs:
+            print(f"[multitask] {cfg.label}", file=sys.stderr, flush=True)
+            backbone = fixtures.backbone_for(cfg)
+            folder = work / f"reg-{cfg.backbone}"
+            names = write_tasks(folder, backbone, cfg, tasks)
+            b = Bench(cfg, backbone, folder, min(8, tasks), "cpu")
+            try:
+                bed = {"in_process": in_process(b, repeats, window_s)}
+            finally:
+                b.close()
+            warm = min(1.0, window_s / 2)
+            bed["http"] = http(work, folder, cfg, names, repeats, window_s, warm)
+            results[cfg.label] = bed
+    return results
+
+
+def ratio(a: list[float], b: list[float]) -> Spread:
+    return ratios([x or math.nan for x in a], [y or math.nan for y in b])
 
 
 def rates(runs: list[dict], key: str = "images_per_cpu_s") -> list[float]:
-    return [r.get(key) or float("nan") for r in runs]
+    return [r.get(key) or math.nan for r in runs]
 
 
-def figures(res: dict) -> dict[str, float]:
-    """The issue's rows, from one backbone's results."""
-    out: dict[str, float] = {}
+def figures(res: dict) -> dict[str, Spread | float]:
+    """The figures of one backbone's results."""
+    out: dict[str, Spread | float] = {}
     ip, h = res.get("in_process"), res.get("http")
     if h:
-        for figure, side in (
-            ("many ÷ one task, 200 tasks, HTTP", "many"),
-            ("mixed ÷ one task, 4 tasks, HTTP", "mixed4"),
-        ):
-            out[figure] = ratio(rates(h[side]), rates(h["one"]))
-            out[figure + " (wall)"] = ratio(
-                rates(h[side], "images_per_s"), rates(h["one"], "images_per_s")
-            )
+        out["many ÷ one task, 200 tasks, HTTP"] = ratio(rates(h["many"]), rates(h["one"]))
+        out["mixed ÷ one task, 4 tasks, HTTP"] = ratio(rates(h["mixed4"]), rates(h["one"]))
         growth = (h["rss_many"] - h["rss_one_task"]) / (h["n_tasks"] - 1)
         out["server memory per task ÷ artifact bytes (RSS)"] = growth / h["artifact_bytes"]
-        out["task_state_bytes per task ÷ artifact bytes"] = (
+        out["task state bytes per task ÷ artifact bytes"] = (
             h["task_state_bytes"] / h["n_tasks"] / h["artifact_bytes"]
         )
     if ip:
@@ -477,174 +473,43 @@ def figures(res: dict) -> dict[str, float]:
         out["engine ÷ plain model, one task, in-process"] = ratio(
             rates(e["engine"]), rates(e["plain"])
         )
-        if h:
-            out["serving ÷ raw, 1 task, HTTP"] = statistics.median(
-                rates(h["one"])
-            ) / statistics.median(rates(e["plain"]))
     return out
 
 
-GOALS = {
-    "many ÷ one task, 200 tasks, HTTP": "≥ 0.80",
-    "mixed ÷ one task, 4 tasks, HTTP": "≥ 0.95",
-    "task switch ÷ batch-1 forward": "≤ 0.05",
-    "engine ÷ plain model, one task, in-process": "≥ 0.97",
-    "server memory per task ÷ artifact bytes (RSS)": "≤ 1.5",
-    "task_state_bytes per task ÷ artifact bytes": "≤ 1.5",
-    "serving ÷ raw, 1 task, HTTP": "(was 0.76)",
-}
+KINDS = ("depthwise", "kxk", "pointwise", "linear")
 
 
-def markdown(results: dict, command: str) -> str:
-    head = f"# Many tasks at the speed of one\n\nCommand: `{command}`\n"
-    return head + "\n".join(tables(results)) + "\n"
+def mixed_rows(label: str, m: dict) -> tuple[list, list]:
+    """The mixed-batch table's rows and the per-layer-kind rows of one backbone."""
+    mixes = sorted({k.split()[1] for k in m["ms"]}, key=lambda mix: int(mix.split("x")[0]))
+    rows, layers = [], []
+    for mix in mixes:
+        vals = {s: Spread.of(m["ms"][f"{s} {mix}"]) for s in STRATEGIES if f"{s} {mix}" in m["ms"]}
+        best = min(vals, key=lambda s: vals[s].median)
+        rows.append([label, mix, *(vals.get(s) for s in STRATEGIES), best])
+    for key, kinds in m.get("layers_ms", {}).items():
+        strategy, mix = key.split()
+        layers.append([label, mix, strategy, *(kinds.get(k) for k in KINDS)])
+    return rows, layers
 
 
-def tables(results: dict) -> list[str]:
-    """The figures per backbone, then the in-process mixed batches per strategy."""
-    lines = [
-        "Ratios are medians of per-repeat ratios of images per CPU second of the measured "
-        "process (server: psutil, children included); `(wall)` rows use wall-clock images/s.\n"
-    ]
-    names = list(results["beds"])
-    lines.append("| figure | goal | " + " | ".join(names) + " |")
-    lines.append("|---|---|" + "---|" * len(names))
-    goals = GOALS
-    figs = {n: figures(results["beds"][n]) for n in names}
-    rows = sorted(
-        {k for f in figs.values() for k in f},
-        key=lambda k: (
-            list(goals).index(k.replace(" (wall)", "")) if k.replace(" (wall)", "") in goals else 99
-        ),
-    )
-    for row in rows:
-        goal = goals.get(row, "")
-        lines.append(
-            f"| {row} | {goal} | "
-            + " | ".join(f"{figs[n].get(row, float('nan')):.3f}" for n in names)
-            + " |"
-        )
-    for n in names:
-        ip = results["beds"][n].get("in_process")
-        if not ip:
-            continue
-        m = ip["mixed"]
-        lines.append(
-            f"\n## {n}: mixed batches in-process, ms per batch "
-            "(median over repeats; CPU ms on the CPU) and ÷ the one-task batch\n"
-        )
-        mixes = sorted({k.split()[1] for k in m["ms"]}, key=lambda mix: int(mix.split("x")[0]))
-        lines.append("| mix | " + " | ".join(STRATEGIES) + " | best |")
-        lines.append("|---|" + "---|" * (len(STRATEGIES) + 1))
-        one = statistics.median(next(v for k, v in m["ms"].items() if k.startswith("per-task 1x")))
-        for mix in mixes:
-            vals = {s: statistics.median(m["ms"][f"{s} {mix}"]) for s in STRATEGIES}
-            best = min(vals, key=vals.get)
-            lines.append(
-                f"| {mix} | "
-                + " | ".join(f"{v:.1f} ms ({v / one:.2f}×)" for v in vals.values())
-                + f" | {best} |"
+def summarize(results: dict) -> dict:
+    figs, http_rows, mixed, layers = [], [], [], []
+    for label, res in results.items():
+        figs += [{"figure": f, "on": label, "value": v} for f, v in figures(res).items()]
+        for side in ("one", "many", "mixed4"):
+            runs = res["http"][side]
+            http_rows.append(
+                [
+                    label,
+                    side,
+                    Spread.of(rates(runs, "images_per_s")),
+                    Spread.of(rates(runs)),
+                    Spread.of([r["p50_ms"] for r in runs]),
+                    sum(sum(r["errors"].values()) for r in runs),
+                ]
             )
-        if m.get("layers_ms"):
-            lines.append(
-                "\nTime per layer kind (ms per batch, forward hooks, corrections included), "
-                "and which strategy wins per kind:\n"
-            )
-            kinds = sorted({k for v in m["layers_ms"].values() for k in v})
-            lines.append("| mix | strategy | " + " | ".join(kinds) + " |")
-            lines.append("|---|---|" + "---|" * len(kinds))
-            for key, v in m["layers_ms"].items():
-                s, mix = key.split()
-                lines.append(
-                    f"| {mix} | {s} | " + " | ".join(f"{v.get(k, 0):.1f}" for k in kinds) + " |"
-                )
-            for mix in mixes:
-                if mix.startswith("1x"):
-                    continue
-                wins = []
-                for k in kinds:
-                    per = {
-                        s: m["layers_ms"][f"{s} {mix}"].get(k, 0)
-                        for s in ("corrections", "segments")
-                    }
-                    wins.append(f"{k}: {min(per, key=per.get)}")
-                lines.append(f"\n{mix} winners: " + ", ".join(wins))
-    return lines
-
-
-def run(
-    configs: list[Config],
-    tasks: int,
-    repeats: int,
-    window_s: float,
-    over_http: bool = True,
-    in_proc: bool = True,
-) -> dict:
-    """Every figure of the issue for each config (CPU): in-process, then over HTTP."""
-    import sys
-    import tempfile
-
-    results: dict = {"beds": {}}
-    with tempfile.TemporaryDirectory(prefix="piggy-mt-") as tmp:
-        work = Path(tmp)
-        for cfg in configs:
-            print(f"[multitask] {cfg.label}", file=sys.stderr, flush=True)
-            backbone = fixtures.backbone_for(cfg)
-            folder = work / f"reg-{cfg.backbone}"
-            names = write_tasks(folder, backbone, cfg, tasks)
-            bed = {}
-            if in_proc:
-                b = Bench(cfg, backbone, folder, min(8, tasks), "cpu")
-                try:
-                    bed["in_process"] = in_process(b, repeats, window_s)
-                finally:
-                    b.close()
-            if over_http:
-                warm = min(1.0, window_s / 2)
-                bed["http"] = http(work, folder, cfg, names, repeats, window_s, warm)
-            results["beds"][cfg.label] = bed
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import shlex
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m bench.multitask", description=__doc__)
-    p.add_argument("--backbones", default="efficientnet_lite0,resnet18")
-    p.add_argument("--tasks", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--window-s", type=float, default=4.0)
-    p.add_argument("--no-http", action="store_true")
-    p.add_argument("--http-only", action="store_true", help="skip the in-process figures")
-    p.add_argument("--quick", action="store_true", help="resnet18 32 px, 8 tasks, tiny windows")
-    p.add_argument("--out", type=Path, help="folder for multitask.json and MULTITASK.md")
-    args = p.parse_args(argv)
-    if args.quick:
-        configs = [Config("resnet18", "random", 32, 8, 8)]
-        args.tasks, args.repeats, args.window_s = 8, 1, 0.3
-    else:
-        configs = [CONFIGS[n] for n in args.backbones.split(",")]
-    results = run(
-        configs, args.tasks, args.repeats, args.window_s, not args.no_http, not args.http_only
-    )
-    command = "python -m bench.multitask " + shlex.join(argv if argv is not None else sys.argv[1:])
-    publish(results, command, args.out, "multitask.json", "MULTITASK.md")
-    return 0
-
-
-def publish(results: dict, command: str, out: Path | None, json_name: str, md_name: str) -> None:
-    """Print the report; with `out`, write it and the raw results there too."""
-    import json
-
-    text = markdown(results, command)
-    print(text)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / json_name).write_text(json.dumps(results, indent=1, default=float))
-        (out / md_name).write_text(text)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        rows, kinds = mixed_rows(label, res["in_process"]["mixed"])
+        mixed += rows
+        layers += kinds
+    return {"figures": figs, "tables": {"http": http_rows, "mixed": mixed, "layers": layers}}

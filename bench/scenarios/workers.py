@@ -1,4 +1,4 @@
-"""Issue 19's figures: the engine's worker processes against the limit of the hardware.
+"""The engine's worker processes against the limit of the hardware.
 
 - limit: the BN-folded module (channels_last, inference mode, one torch thread) at its best
   batch of 1 or 8, images per CPU second of this process;
@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench import fixtures, loadgen, procs
+from bench import fixtures, loadgen, procs, timing
 from bench.fixtures import Config
+from bench.stats import Spread
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.server.engine import EnginePool, Row, Worker
 from piggyback_serve.server.engine.config import WorkerConfig
@@ -46,15 +47,6 @@ CONFIGS = [
 ]
 QUICK = [Config("resnet18", "random", 32, 8, 8)]
 MAX_STEPS = 5000
-
-GOALS = {
-    "server ÷ limit, 1 task, HTTP, 64 px": "≥ 0.75",
-    "server ÷ limit, 1 task, HTTP, 224 px": "≥ 0.90",
-    "CPU outside the engine ÷ engine CPU, per image, 64 px": "≤ 0.30",
-    "engine pool, b8: 2 workers ÷ 1 worker, images/s (processes)": "≥ 1.8",
-    "in-process workers, b8: 2 threads ÷ 1 thread, images/s": "(the alternative)",
-    "requests failed when a worker is killed under load": "≤ one batch",
-}
 
 
 def pngs(size: int, n: int = 4) -> list[bytes]:
@@ -73,24 +65,17 @@ def pngs(size: int, n: int = 4) -> list[bytes]:
 
 def limit(module, size: int, seconds: float) -> dict:
     """Images per CPU second of the folded module, 1 thread, best of batch 1 and 8."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = {}
-        for batch in (1, 8):
-            x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    best = {}
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+
+        def step(x=x):
             with torch.inference_mode():
                 module(x)
-                cpu, started, steps = time.process_time(), time.perf_counter(), 0
-                while steps < MAX_STEPS and (steps < 2 or time.perf_counter() - started < seconds):
-                    module(x)
-                    steps += 1
-                used = time.process_time() - cpu
-            best[batch] = steps * batch / used
-        b = max(best, key=best.get)
-        return {"images_per_cpu_s": best[b], "batch": b, "by_batch": best}
-    finally:
-        torch.set_num_threads(threads)
+
+        best[batch] = timing.rate(step, batch, seconds, threads=1)["images_per_cpu_s"]
+    b = max(best, key=best.get)
+    return {"images_per_cpu_s": best[b], "batch": b, "by_batch": best}
 
 
 # -- the server over HTTP -----------------------------------------------------------------
@@ -293,13 +278,14 @@ def kill(cfg: Config, backbone, workdir: Path, seconds: float) -> dict:
 # -- the scenario ----------------------------------------------------------------------
 
 
-def run(quick: bool = False) -> dict:
+def measure(ctx) -> dict:
     import sys
     import tempfile
 
+    quick = ctx.options.quick
     configs = QUICK if quick else CONFIGS
-    repeats, seconds = (1, 1.0) if quick else (3, 4.0)
-    results: dict = {"beds": {}}
+    repeats, seconds = (1, 1.0) if quick else (ctx.options.repeats, ctx.options.window_s)
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="piggy-workers-") as tmp:
         work = Path(tmp)
         for cfg in configs:
@@ -310,7 +296,7 @@ def run(quick: bool = False) -> dict:
             if cfg.input_size != 224:
                 bed["scaling"] = scaling(backbone, cfg, work, max(1, repeats - 1), seconds)
                 bed["kill"] = kill(cfg, backbone, work, max(3.0, seconds))
-            results["beds"][cfg.label] = bed
+            results[cfg.label] = bed
     return results
 
 
@@ -351,62 +337,27 @@ def figures(bed: dict) -> dict[str, float]:
     return out
 
 
-def tables(results: dict) -> list[str]:
-    lines = [
-        "bench/workers.py: the limit is the BN-folded module, channels_last, 1 torch thread, "
-        "best of batch 1 and 8, images per CPU second; the server's CPU is its parent and "
-        "every engine worker child (psutil, recursive). 8 clients post PNGs.\n",
-        "| figure | goal | " + " | ".join(results["beds"]) + " |",
-        "|---|---|" + "---|" * len(results["beds"]),
-    ]
-    figs = {n: figures(b) for n, b in results["beds"].items()}
-    for row, goal in GOALS.items():
-        vals = [figs[n].get(row) for n in results["beds"]]
-        cells = ["" if v is None else f"{v:.3f}" for v in vals]
-        lines.append(f"| {row} | {goal} | " + " | ".join(cells) + " |")
-    for name, bed in results["beds"].items():
-        s = bed.get("serving")
-        if s:
-            lim = ", ".join(f"{r['images_per_cpu_s']:.1f} (b{r['batch']})" for r in s["limit"])
-            srv = ", ".join(
-                f"{r['images_per_cpu_s'] or 0:.1f} ({r['images_per_s']:.1f}/s wall, "
-                f"parent {r['parent_cpu_s']:.1f} s, workers {r['workers_cpu_s']:.1f} s CPU)"
-                for r in s["server"]
-            )
-            lines.append(f"\n- {name}: limit img/CPU-s {lim}; server {srv}")
-        sc = bed.get("scaling")
-        if sc:
-            for key in ("pool", "threads"):
-                runs = {int(k): v for k, v in sc[key].items()}
-                desc = "; ".join(
-                    f"{n}: " + ", ".join(f"{v:.1f}" for v in runs[n]) + " img/s" for n in (1, 2)
-                )
-                lines.append(f"- {name}: {key} {desc}")
+def summarize(results: dict) -> dict:
+    figs, serving_rows, scaling_rows, kill_rows = [], [], [], []
+    for label, bed in results.items():
+        figs += [{"figure": f, "on": label, "value": v} for f, v in figures(bed).items()]
+        s = bed["serving"]
+        srv = s["server"]
+        serving_rows.append(
+            [
+                label,
+                Spread.of([r["images_per_cpu_s"] for r in s["limit"]]),
+                Spread.of([r["images_per_cpu_s"] or float("nan") for r in srv]),
+                Spread.of([r["images_per_s"] for r in srv]),
+                Spread.of([r["parent_cpu_s"] for r in srv]),
+                Spread.of([r["workers_cpu_s"] for r in srv]),
+            ]
+        )
+        for mode, runs in (bed.get("scaling") or {}).items():
+            runs = {int(k): v for k, v in runs.items()}
+            scaling_rows.append([label, mode, Spread.of(runs[1]), Spread.of(runs[2])])
         k = bed.get("kill")
         if k:
-            lines.append(
-                f"- {name}: worker pid {k['killed_pid']} SIGKILLed under load: {k['failed']} of "
-                f"{k['requests']} requests failed ({k['errors']}), max batch {k['max_batch']}; "
-                f"restarts after: {k['restarts']}; {k['answers_after']} of 20 answered after"
-            )
-    return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
-    results = run(args.quick)
-    text = "\n".join(tables(results))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "workers.json").write_text(json.dumps(results, indent=1, default=float))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            kill_rows.append([label, k["requests"], k["failed"], k["restarts"], k["answers_after"]])
+    tables = {"serving": serving_rows, "scaling": scaling_rows, "kill": kill_rows}
+    return {"figures": figs, "tables": tables}

@@ -1,7 +1,5 @@
 """Artifact format 2 on the bundled demo tasks: size against the masks' entropy, decode time.
 
-    python -m bench.artifact_size      # prints the figures, writes bench/results/artifact_size.md
-
 Three figures, over the demo tasks in src/piggyback_serve/masks/demo_tasks/ (each read as
 format-2 bytes, converted in memory first if a file is still format 1):
 - bits per masked weight: the whole file's bytes * 8 / the backbone's masked weights (worst);
@@ -20,23 +18,22 @@ format-2 bytes, converted in memory first if a file is still format 1):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
+from bench import timing
 from piggyback_serve.masks import artifact, codec, demo
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.server.engine import Worker
 from piggyback_serve.server.engine.config import WorkerConfig
 from piggyback_serve.server.engine.task_state import TaskState
 
-RESULTS = Path(__file__).parent / "results" / "artifact_size.md"
-REPEATS = 15
+REPEATS = 9
 
 ROW_BITS = "bits per masked weight, demo tasks (worst)"
 ROW_ENTROPY = "bytes per task ÷ (entropy of its masks + head)"
@@ -82,7 +79,7 @@ def to_task_state(data: bytes, backbone: Backbone, engine: Worker) -> TaskState:
     return engine.prepare(artifact.load(data, backbone))
 
 
-def measure(path: Path, backbone: Backbone, engine: Worker) -> TaskSize:
+def measure_task(path: Path, backbone: Backbone, engine: Worker) -> TaskSize:
     art = artifact.load(path, backbone)
     data = artifact.to_bytes(art)  # format 2 whatever the file's format
     numels = {n: w.numel() for n, w in backbone.maskable().items()}
@@ -109,39 +106,25 @@ def measure(path: Path, backbone: Backbone, engine: Worker) -> TaskSize:
 
 @torch.inference_mode()
 def _timings(data, backbone, engine, size) -> tuple[float, float]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _interleaved(data, backbone, engine, size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _interleaved(data, backbone, engine, size) -> tuple[float, float]:
+    """Median seconds of a decode and of a batch-1 forward, one thread, interleaved."""
     module = backbone.module.eval()
     x = torch.randn(1, 3, size, size)
-    for _ in range(3):
-        to_task_state(data, backbone, engine), module(x)
     decodes, forwards = [], []
     for _ in range(REPEATS):  # interleaved: a busy machine slows both alike
-        start = time.perf_counter()
-        to_task_state(data, backbone, engine)
-        decodes.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        module(x)
-        forwards.append(time.perf_counter() - start)
-    return statistics.median(decodes), statistics.median(forwards)
+        decodes.append(timing.ms(lambda: to_task_state(data, backbone, engine), 0.05, threads=1))
+        forwards.append(timing.ms(lambda: module(x), 0.05, threads=1))
+    return statistics.median(decodes) / 1e3, statistics.median(forwards) / 1e3
 
 
 def measure_all(folder: Path = demo.BUNDLED_DIR) -> list[TaskSize]:
     backbone = demo.load_demo_backbone()
     config = WorkerConfig(index=0, device="cpu", dtype="float32", threads=1, one_pass=False)
     engine = Worker.local(config, backbone)
-    return [measure(p, backbone, engine) for p in sorted(folder.glob("*.safetensors"))]
+    return [measure_task(p, backbone, engine) for p in sorted(folder.glob("*.safetensors"))]
 
 
 def figures(rows: list[TaskSize] | None = None) -> dict[str, float]:
-    """The issue's three summary figures, worst over the demo tasks."""
+    """The three summary figures, worst over the demo tasks."""
     rows = rows if rows is not None else measure_all()
     informative = [r for r in rows if r.switched_off] or rows
     return {
@@ -151,7 +134,7 @@ def figures(rows: list[TaskSize] | None = None) -> dict[str, float]:
     }
 
 
-def density_rows(backbone: Backbone, n_labels: int = 10) -> list[str]:
+def density_rows(backbone: Backbone, n_labels: int = 10) -> list[list]:
     """Format 2 at denser masks: an Elias–Fano stream's size depends on (count, numel) alone,
     so these are exact for any positions with that fraction off in every parameter."""
     numels = [w.numel() for w in backbone.maskable().values()]
@@ -163,77 +146,43 @@ def density_rows(backbone: Backbone, n_labels: int = 10) -> list[str]:
         coded = sum(map(codec.coded_size, codings, counts, numels))
         entropy = sum(map(binary_entropy_bytes, counts, numels))
         rows.append(
-            f"| {100 * fraction:.1f}% | {8 * coded / masked:.3f} | "
-            f"{8 * (coded + head) / masked:.3f} | {(coded + head) / (entropy + head):.2f} | "
-            f"{'/'.join(sorted(set(codings)))} | {8 * sum(counts) / 1e6:.1f} MB |"
+            [
+                100 * fraction,
+                8 * coded / masked,
+                8 * (coded + head) / masked,
+                (coded + head) / (entropy + head),
+                "/".join(sorted(set(codings))),
+                8 * sum(counts),
+            ]
         )
     return rows
 
 
-def report(rows: list[TaskSize], backbone: Backbone) -> str:
-    figs = figures(rows)
-    lines = [
-        "# Task artifact size (format 2) and decode time",
-        "",
-        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python -m bench.artifact_size`"
-        " (decode and forward on one CPU thread each; the machine was shared, so the times"
-        " are medians of interleaved repeats and the ratio is the stable part).",
-        "",
-        "| figure | goal | measured |",
-        "| --- | --- | --- |",
-        f"| `{ROW_BITS}` | ≤ 0.25 | {figs[ROW_BITS]} |",
-        f"| `{ROW_ENTROPY}` | ≤ 1.3 | {figs[ROW_ENTROPY]} |",
-        f"| `{ROW_DECODE}` | ≤ 0.5 | {figs[ROW_DECODE]} |",
-        "",
-        "| task | switched off | format 1 bytes | format 2 bytes | bits/weight | entropy + head"
-        " bytes | ÷ (entropy + head) | codings | decode ms | forward ms | decode ÷ forward |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        codings = ", ".join(f"{n} {c}" for c, n in sorted(r.codings.items()))
-        lines.append(
-            f"| {r.name} | {100 * r.switched_off / r.masked:.2f}% | {r.format_1_bytes:,} | "
-            f"{r.format_2_bytes:,} | {r.bits_per_weight:.3f} | "
-            f"{r.entropy_bytes + r.head_bytes:,.0f} | {r.over_entropy:.2f} | {codings} | "
-            f"{1e3 * r.decode_s:.2f} | {1e3 * r.forward_s:.2f} | {r.decode_over_forward:.3f} |"
-        )
-    lines += ["", *_unranked_note(rows)]
-    lines += [
-        "## If masks were denser",
-        "",
-        f"Format 2 on {backbone.name} with the same fraction switched off in every parameter",
-        "and a 10-label head; the last column is what the engine's sparse patch holds per task",
-        "as int64 positions (int32 would halve it).",
-        "",
-        "| switched off | masks bits/weight | + head | ÷ (entropy + head) | coding |"
-        " engine patch |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *density_rows(backbone),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _unranked_note(rows: list[TaskSize]) -> list[str]:
-    """Why a task that switches no weight off is left out of the second figure, if any is."""
-    names = [r.name for r in rows if not r.switched_off]
-    if not names:
-        return []
-    return [
-        f"A task that switches no weight off ({', '.join(names)}) has zero mask entropy: its",
-        "ratio is its fixed metadata (labels, metrics, the masks table) over its head, so it",
-        "is listed but not ranked in the second figure.",
-        "",
-    ]
-
-
-def main() -> None:
+def measure(ctx) -> dict:
     rows = measure_all()
-    text = report(rows, demo.load_demo_backbone())
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
-    print(f"wrote {RESULTS}")
+    return {
+        "tasks": [dataclasses.asdict(r) for r in rows],
+        "density": density_rows(demo.load_demo_backbone()),
+    }
 
 
-if __name__ == "__main__":
-    main()
+def summarize(raw: dict) -> dict:
+    rows = [TaskSize(**r) for r in raw["tasks"]]
+    figs = [{"figure": f, "on": None, "value": v} for f, v in figures(rows).items()]
+    tasks = [
+        [
+            r.name,
+            100 * r.switched_off / r.masked,
+            r.format_1_bytes,
+            r.format_2_bytes,
+            r.bits_per_weight,
+            r.entropy_bytes + r.head_bytes,
+            r.over_entropy,
+            ", ".join(f"{n} {c}" for c, n in sorted(r.codings.items())),
+            1e3 * r.decode_s,
+            1e3 * r.forward_s,
+            r.decode_over_forward,
+        ]
+        for r in rows
+    ]
+    return {"figures": figs, "tables": {"tasks": tasks, "density": raw["density"]}}
