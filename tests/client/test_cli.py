@@ -29,7 +29,15 @@ def test_tasks_table_and_json(piggy):
     code, out, _ = piggy("tasks")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["NAME", "LABELS", "BACKBONE", "SIZE", "SPARSITY", "ACCURACY"]
+    assert header.split() == [
+        "NAME",
+        "LABELS",
+        "BACKBONE",
+        "SIZE",
+        "SPARSITY",
+        "ACCURACY",
+        "DESCRIPTION",
+    ]
     assert [r.split()[:3] for r in rows] == [["alpha", "5", "resnet18"], ["beta", "7", "resnet18"]]
     code, out, _ = piggy("tasks", "--json")
     assert code == 0 and [t["name"] for t in json.loads(out)["tasks"]] == ["alpha", "beta"]

@@ -75,6 +75,19 @@ def test_admin_and_errors_carry_the_servers_code(client, live):
         client.predict("alpha", png(6), top_k=0)
 
 
+def test_a_task_carries_its_description(client, live, tmp_path):
+    from dataclasses import replace
+
+    from piggyback_serve.masks import artifact
+
+    assert client.task("alpha").description == ""  # none given
+    described = replace(artifact.read(live.artifacts["alpha"]), description="a test pattern")
+    path = artifact.write(described, tmp_path / "described.safetensors")
+    assert client.upload("described", path).description == "a test pattern"
+    assert client.task("described").description == "a test pattern"
+    client.delete("described")
+
+
 def test_health_and_unreachable_server(client):
     health = client.health()
     assert health.status == "ready" and health.backbone == "resnet18" and health.tasks >= 2

@@ -74,10 +74,12 @@ def _tasks(client: Client, args) -> object:
             f"{t.size_bytes / 1024:.0f} KiB",
             t.sparsity,
             t.metrics.get("accuracy"),
+            t.description,
         )
         for t in tasks
     ]
-    print(table(("NAME", "LABELS", "BACKBONE", "SIZE", "SPARSITY", "ACCURACY"), rows))
+    headers = ("NAME", "LABELS", "BACKBONE", "SIZE", "SPARSITY", "ACCURACY", "DESCRIPTION")
+    print(table(headers, rows))
     return None
 
 

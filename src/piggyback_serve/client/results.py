@@ -58,6 +58,7 @@ class TaskInfo:
     labels: list[str]
     backbone: str
     artifact_task: str = ""  # the name written in the artifact (servers before 0.2: "")
+    description: str = ""  # one line: what the task expects as input ("" when not given)
     size_bytes: int = 0
     sparsity: float = 0.0
     input_size: int = 0
