@@ -52,8 +52,10 @@ def test_image_folder_training_via_cli(tmp_path, capsys):
     out = tmp_path / "faces.safetensors"
     args = ["train", "--data", str(root), "--task", "faces", "--out", str(out)]
     described = ["--description", " a tight grayscale crop of one face "]
+    threads = torch.get_num_threads()
     code = main([*args, *described, "--epochs", "1", "--min-steps", "0", "--input-size", "32"])
     assert code == 0
+    assert torch.get_num_threads() == threads  # one thread while training, then as it was
     printed = capsys.readouterr()
     # The progress bars name the task, not the folder, for Piggyback and the comparison.
     assert "faces piggyback 1/1" in printed.err and "faces classifier-only 1/" in printed.err

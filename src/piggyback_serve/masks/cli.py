@@ -21,8 +21,16 @@ def _train(args: argparse.Namespace) -> None:
 
     # Checked first: a bad description fails now, not after minutes of training.
     description = artifact.check_description(args.description or "")
+    threads = torch.get_num_threads()
     if args.threads:  # 0: torch's choice
         torch.set_num_threads(args.threads)
+    try:
+        _learn(args, description)
+    finally:  # main() called in a process that goes on keeps its own setting
+        torch.set_num_threads(threads)
+
+
+def _learn(args: argparse.Namespace, description: str) -> None:
     backbone = load_backbone(args.backbone, args.weights)
     dataset = data.load_dataset(args.data, seed=args.seed)
     config = train.TrainConfig(
