@@ -36,13 +36,17 @@ def command() -> list[str]:
 
 
 @contextmanager
-def piggy_serve(tmp_path: Path, *args: str, **env: str):
+def piggy_serve(tmp_path: Path, *args: str, open_files: int | None = None, **env: str):
+    """`piggy-serve ARGS` on a free loopback port, ready; with `open_files`, under that
+    limit of open files (soft and hard, as `ulimit -n` sets them)."""
     port = free_port()
+    argv = ["prlimit", f"--nofile={open_files}:{open_files}"] if open_files else []
+    argv += [*command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
     environ.update(PIGGY_HOME=str(tmp_path / "home"), **env)
     proc = subprocess.Popen(
-        [*command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
+        [*argv, *args],
         env=environ,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.multiprocessing
 
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone, load_backbone
@@ -43,6 +44,7 @@ log = logging.getLogger("piggy.serve")
 
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0  # before replacing a worker that died while starting
+SHARING_STRATEGY = "file_system"
 
 
 class WorkerDied(RuntimeError):
@@ -120,6 +122,11 @@ class EnginePool:
     async def start(self) -> Backbone:
         """Load the backbone (once), fold it, start every worker and wait until they run."""
         self._changed = asyncio.Event()
+        # Shared tensors by name, not by open file: with torch's default strategy every
+        # shared tensor holds a descriptor in each process that has it (the template's
+        # ~250 and one per task state), so a registry of thousands of tasks ran out of
+        # them. Named segments are unlinked by torch's shm manager when the last user exits.
+        torch.multiprocessing.set_sharing_strategy(SHARING_STRATEGY)
         await asyncio.to_thread(self._load)
         # The fork server (started with the first worker in this process) imports these
         # once, so that each worker forked from it starts without importing torch or the

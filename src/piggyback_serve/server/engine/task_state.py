@@ -35,6 +35,7 @@ from piggyback_serve.server.engine.working_copy import Affine
 INT32_MAX = 2**31 - 1
 # Past this fraction of the masked weights switched off, a task is kept as a bitmap.
 DENSE_FRACTION = 1 / 5
+SEGMENT_ALIGN = 64  # bytes: each tensor of a shared state starts on a cache line
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,21 @@ class TaskState:
         return {site: (piece[0], piece[1]) for site, piece in zip(sites, pieces, strict=True)}
 
     def share_memory_(self) -> TaskState:
-        """In shared memory: worker processes map these tensors instead of copying them."""
-        for tensor in self._tensors().values():
-            if tensor.numel():
-                tensor.share_memory_()
-        return self
+        """This state with every tensor a view into one shared-memory segment: worker
+        processes map it instead of copying it, and a task costs one segment (one mapping)
+        however many tensors it has (with the pool's file_system sharing, no open file)."""
+        tensors = self._tensors()
+        offsets, end = {}, 0
+        for name, tensor in tensors.items():
+            offsets[name] = -(-end // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            end = offsets[name] + tensor.nbytes
+        segment = torch.empty(max(end, 1), dtype=torch.uint8).share_memory_()
+        views = {}
+        for name, tensor in tensors.items():
+            start = offsets[name]
+            view = segment[start : start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+            views[name] = view.copy_(tensor)
+        return replace(self, **views)
 
     @property
     def has_corrections(self) -> bool:
