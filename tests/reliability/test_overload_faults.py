@@ -77,8 +77,10 @@ async def test_a_failing_batch_fails_only_its_own_requests(settings, backbone, r
         original = catalog.tasks["beta"]
         # A state the worker cannot run (its head does not fit the features): the worker
         # process raises on every batch with beta in it, as on a device fault.
-        state = dataclasses.replace(original.state, head_weight=torch.zeros(2, 3))
-        catalog.tasks["beta"] = dataclasses.replace(original, version="broken", state=state)
+        good = (await catalog.resident(original)).state
+        broken = dataclasses.replace(original, version="broken")
+        catalog.host.put(broken.key, dataclasses.replace(good, head_weight=torch.zeros(2, 3)))
+        catalog.tasks["beta"] = broken
         images = [png(2000 + i) for i in range(8)]
         answers = await asyncio.gather(
             *(post(client, ("alpha", "beta")[i % 2], img) for i, img in enumerate(images))

@@ -56,8 +56,10 @@ async def test_mixed_batches_over_http_and_task_state_in_metrics(
         assert metric(text, "piggy_mixed_batches_total") >= 1
         assert metric(text, "piggy_batch_tasks_sum") > metric(text, "piggy_batch_tasks_count")
         catalog = client.app.state.services.catalog
-        state_bytes = sum(t.state.nbytes for t in catalog.tasks.values())
+        state_bytes = sum(s.nbytes for s in catalog.host.states.values())
+        assert len(catalog.host.states) == len(catalog.tasks)  # every task was used
         assert metric(text, "piggy_task_state_bytes") == state_bytes > 0
+        assert metric(text, "piggy_tier_bytes", tier="host") == state_bytes
         assert metric(text, "piggy_working_copy_bytes") > 0
 
 

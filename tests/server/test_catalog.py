@@ -1,107 +1,96 @@
-"""The catalog (server/catalog.py): an unknown task name is answered from what the server
-knows; a miss costs the registry one rescan per PIGGY_REGISTRY_RESCAN_S at most."""
+"""server/catalog.py: tasks listed from their headers, states built on first use and kept
+in a bounded host tier, an artifact found invalid only then reported."""
 
-import asyncio
-import shutil
-import time
+from __future__ import annotations
+
+import dataclasses
 
 import pytest
+import torch
 
-from piggyback_serve.server import app as app_module
-from piggyback_serve.server.registry.dir import DirRegistry
-from tests.server.server_support import png, serving, settings_for, until
+from piggyback_serve.masks import artifact as artifacts
+from tests.server.server_support import TASKS, make_artifact, metric, png, serving, settings_for
 
 pytestmark = pytest.mark.anyio
 
 
-def count_calls(registry, method: str) -> list[float]:
-    """Record the time of each call of `registry.method` (the catalog holds this object)."""
-    calls: list[float] = []
-    real = getattr(registry, method)
-
-    async def counted(*args, **kwargs):
-        calls.append(time.monotonic())
-        return await real(*args, **kwargs)
-
-    setattr(registry, method, counted)
-    return calls
+async def predict(client, task: str, image: bytes):
+    return await client.post(
+        f"/predict?task={task}", content=image, headers={"content-type": "image/png"}
+    )
 
 
-async def test_a_burst_of_unknown_names_rescans_the_registry_once_at_most(
-    tmp_path, registry_dir, backbone
-):
-    rescan_s = 2.0
-    settings = settings_for(tmp_path, registry_dir, registry_rescan_s=rescan_s)
+async def test_tasks_are_listed_from_headers_and_built_on_first_use(settings, backbone, reference):
     async with serving(settings, backbone) as client:
-        registry = client.app.state.services.registry
-        lists, reads = count_calls(registry, "list"), count_calls(registry, "read")
-        started = time.monotonic()
-        answers = await asyncio.gather(
-            *(client.post(f"/predict?task=nope{i}", content=b"x") for i in range(100)),
-            *(client.get(f"/tasks/nope{i}") for i in range(50)),
-        )
-        elapsed = time.monotonic() - started
-        for r in answers:
-            assert r.status_code == 404, r.text
-            message = r.json()["error"]["message"]
-            assert "known tasks: alpha, beta, delta, gamma" in message, message
-        # One rescan per interval, whoever asks (the misses, or the folder's own poll).
-        assert len(lists) <= 1 + int(elapsed / rescan_s), (len(lists), elapsed)
-        assert not reads  # nothing changed: no artifact is read again
-
-
-class SilentRegistry(DirRegistry):
-    """A registry that never announces a change (as a Redis written to behind the
-    server's back): the watcher waits on it and never lists; only a miss can."""
-
-    async def wait_change(self, timeout_s: float) -> bool:
-        await asyncio.sleep(timeout_s)
-        return False
-
-
-async def test_a_task_written_behind_the_servers_back_is_served_after_the_rescan_interval(
-    tmp_path, registry_dir, task_files, backbone, reference, monkeypatch
-):
-    rescan_s = 0.5
-    monkeypatch.setattr(app_module, "open_registry", lambda url, *_: SilentRegistry(registry_dir))
-    settings = settings_for(tmp_path, registry_dir, registry_rescan_s=rescan_s)
-    image = png(21)
-    async with serving(settings, backbone) as client:
-        assert (await client.post("/predict?task=late", content=image)).status_code == 404
-        shutil.copy(task_files["delta"], registry_dir / "late.safetensors")
-        written = time.monotonic()
-        while True:  # bounded: at most 10 intervals
-            r = await client.post("/predict?task=late", content=image)
-            if r.status_code == 200 or time.monotonic() - written > 10 * rescan_s:
-                break
-            assert r.status_code == 404, r.text
-            await asyncio.sleep(0.05)
+        ready = (await client.get("/readyz")).json()
+        assert ready["tasks"] == len(TASKS) and ready["tasks_loaded"] == 0
+        listed = (await client.get("/tasks")).json()["tasks"]
+        assert sorted(t["name"] for t in listed) == sorted(TASKS)  # labels etc. from headers
+        image = png(11)
+        r = await predict(client, "alpha", image)
         assert r.status_code == 200, r.text
-        reference.check("delta", image, r.json()["results"][0])
+        reference.check("alpha", image, r.json()["results"][0])
+        assert (await client.get("/readyz")).json()["tasks_loaded"] == 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_tier_misses_total", tier="host") == 1
+        await predict(client, "alpha", image)
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_tier_hits_total", tier="host") == 1
 
 
-async def test_a_miss_never_waits_for_an_upload(settings, registry_dir, backbone):
-    data = (registry_dir / "gamma.safetensors").read_bytes()
+async def test_past_the_host_budget_states_are_evicted_and_answers_stay_right(
+    tmp_path, registry_dir, backbone, reference
+):
+    # A budget below one state: only the state in use stays, every switch evicts.
+    settings = settings_for(tmp_path, registry_dir, host_state_bytes=1)
+    images = [png(30 + i) for i in range(len(TASKS))]
     async with serving(settings, backbone) as client:
-        registry = client.app.state.services.registry
-        entered, release = asyncio.Event(), asyncio.Event()
-        real_put = registry.put
+        for _ in range(2):
+            for task, image in zip(TASKS, images, strict=True):
+                r = await predict(client, task, image)
+                assert r.status_code == 200, r.text
+                reference.check(task, image, r.json()["results"][0])
+        catalog = client.app.state.services.catalog
+        assert len(catalog.host.states) == 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_tier_evictions_total", tier="host") == 2 * len(TASKS) - 1
+        assert metric(text, "piggy_tier_misses_total", tier="host") == 2 * len(TASKS)
+        assert metric(text, "piggy_tier_tasks", tier="host") == 1
 
-        async def held_put(name, blob):  # an upload stuck in the registry, lock held
-            entered.set()
-            await release.wait()
-            return await real_put(name, blob)
 
-        registry.put = held_put
-        upload = asyncio.create_task(client.put("/tasks/uploading", content=data))
-        try:
-            await asyncio.wait_for(entered.wait(), 30)
-            # Both answer while the upload holds the lock; the old code waited for it.
-            r = await asyncio.wait_for(client.post("/predict?task=nope", content=b"x"), 5)
-            assert r.status_code == 404
-            r = await asyncio.wait_for(client.get("/tasks/nope"), 5)
-            assert r.status_code == 404
-        finally:
-            release.set()
-        assert (await upload).status_code == 201
-        await until(lambda: (registry_dir / "uploading.safetensors").exists())
+async def test_an_artifact_invalid_past_its_header_is_reported(
+    tmp_path, registry_dir, backbone, settings
+):
+    # The header is fine (labels, backbone, fingerprint, head rows); the head's columns do
+    # not fit the backbone, which only the full check sees.
+    good = make_artifact(backbone, "odd", n_labels=3, seed=9)
+    odd = dataclasses.replace(good, head_weight=torch.zeros(3, 7))
+    (registry_dir / "odd.safetensors").write_bytes(artifacts.to_bytes(odd))
+    async with serving(settings, backbone) as client:
+        assert "odd" in [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]
+        r = await predict(client, "odd", png(1))
+        assert r.status_code == 422, r.text
+        assert "head.weight" in r.json()["error"]["message"]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200  # the registry was read whole; one task is bad
+        assert ready.json()["tasks_failed"] == 1 and "head.weight" in ready.json()["failed"]["odd"]
+        r = await predict(client, "odd", png(1))
+        assert r.status_code == 404 and "invalid artifact" in r.json()["error"]["message"]
+        assert "odd" not in [t["name"] for t in (await client.get("/tasks")).json()["tasks"]]
+        assert (await predict(client, "alpha", png(1))).status_code == 200
+
+
+async def test_a_registry_not_read_whole_is_not_ready(settings, backbone, monkeypatch):
+    async with serving(settings, backbone) as client:
+        catalog = client.app.state.services.catalog
+        registry = catalog.registry
+
+        async def out_of_files(name):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(registry, "read", out_of_files)
+        monkeypatch.setattr(catalog, "tasks", {})  # as if the start had stopped half-way
+        await catalog.refresh()
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert "out of open files" in r.json()["error"]["message"]

@@ -222,10 +222,48 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return _parse(data)[1]
 
 
+def read_header(data: bytes) -> TaskArtifact:
+    """The artifact's metadata alone, checked, from the safetensors header: no tensor is
+    decoded. What listing a task and preparing its input need; masks and norms are left
+    empty and the head tensors have no columns (`read` or `load` checks the rest)."""
+    header = _header(data)
+    entries = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    fields = _metadata_fields(header.get("__metadata__") or {})
+    n = len(fields["labels"])
+    shape = entries.get("head.weight", {}).get("shape")
+    if not isinstance(shape, list) or len(shape) != 2 or shape[0] != n:
+        raise ArtifactError("head.weight", f"shape {shape} does not fit {n} labels")
+    return TaskArtifact(**fields, masks={}, head_weight=torch.empty(n, 0), head_bias=torch.empty(n))
+
+
+def check_backbone(artifact: TaskArtifact, backbone: Backbone) -> None:
+    """The artifact names this backbone and was learned on exactly its weights."""
+    if artifact.backbone != backbone.name:
+        raise ArtifactError(
+            "backbone", f"artifact is for {artifact.backbone!r}, server runs {backbone.name!r}"
+        )
+    if artifact.backbone_sha256 != backbone.fingerprint:
+        raise ArtifactError(
+            "backbone_sha256",
+            f"artifact was learned on weights {artifact.backbone_sha256[:16]}…, the loaded "
+            f"backbone is {backbone.fingerprint[:16]}…",
+        )
+
+
 NOT_AN_ARTIFACT = "not a safetensors task artifact (the file `piggy-masks train` writes)"
 
 
 def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    header = _header(data)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise ArtifactError("file", f"{NOT_AN_ARTIFACT}{_looks_like(data)} ({exc})") from None
+    return tensors, header.get("__metadata__") or {}
+
+
+def _header(data: bytes) -> dict:
+    """The safetensors header as a JSON object (tensors' entries and `__metadata__`)."""
     # Anything else uploaded by mistake (an image, a torch.save zip) fails here: say so first,
     # the safetensors detail after it.
     if len(data) < 8:
@@ -239,13 +277,13 @@ def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError("file", f"{NOT_AN_ARTIFACT}{_looks_like(data)} ({exc})") from None
     if not isinstance(header, dict):
         raise ArtifactError("file", f"{NOT_AN_ARTIFACT} (its header is not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    return tensors, meta
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise ArtifactError("file", f"{NOT_AN_ARTIFACT} (its metadata is not a JSON object)")
+    return header
 
 
 _MAGIC = {
@@ -289,22 +327,7 @@ def _number(meta: dict[str, str], name: str, kind: type):
 
 
 def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskArtifact:
-    for name in METADATA_FIELDS:
-        if name not in meta:
-            raise ArtifactError(name, "missing from the metadata")
-    if meta["format"] not in FORMATS:
-        raise ArtifactError(
-            "format", f"version {meta['format']!r} is not supported (reads {', '.join(FORMATS)})"
-        )
-    labels = _json_field(meta, "labels", list)
-    if not labels or not all(isinstance(label, str) for label in labels):
-        raise ArtifactError("labels", "must be a non-empty list of strings")
-    mean, std = _json_field(meta, "mean", list), _json_field(meta, "std", list)
-    for name, values in (("mean", mean), ("std", std)):
-        if len(values) != 3 or not all(isinstance(v, int | float) for v in values):
-            raise ArtifactError(name, "must be a list of 3 numbers")
-    if not all(v > 0 for v in std):
-        raise ArtifactError("std", "must be positive")
+    fields = _metadata_fields(meta)
     streams, bn, head = {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, name = key.partition(".")
@@ -328,19 +351,40 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskA
     if not masks:
         raise ArtifactError("mask", "the artifact holds no masks")
     return TaskArtifact(
+        **fields, masks=masks, head_weight=head["head.weight"], head_bias=head["head.bias"], bn=bn
+    )
+
+
+def _metadata_fields(meta: dict[str, str]) -> dict:
+    """The TaskArtifact fields the metadata holds, checked."""
+    for name in METADATA_FIELDS:
+        if name not in meta:
+            raise ArtifactError(name, "missing from the metadata")
+        if not isinstance(meta[name], str):
+            raise ArtifactError(name, "must be a string in the metadata")
+    if meta["format"] not in FORMATS:
+        raise ArtifactError(
+            "format", f"version {meta['format']!r} is not supported (reads {', '.join(FORMATS)})"
+        )
+    labels = _json_field(meta, "labels", list)
+    if not labels or not all(isinstance(label, str) for label in labels):
+        raise ArtifactError("labels", "must be a non-empty list of strings")
+    mean, std = _json_field(meta, "mean", list), _json_field(meta, "std", list)
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3 or not all(isinstance(v, int | float) for v in values):
+            raise ArtifactError(name, "must be a list of 3 numbers")
+    if not all(v > 0 for v in std):
+        raise ArtifactError("std", "must be positive")
+    return dict(
         task=meta["task"],
         backbone=meta["backbone"],
         backbone_sha256=meta["backbone_sha256"],
         labels=labels,
-        masks=masks,
-        head_weight=head["head.weight"],
-        head_bias=head["head.bias"],
         threshold=_number(meta, "threshold", float),
         input_size=_number(meta, "input_size", int),
         mean=tuple(mean),
         std=tuple(std),
         metrics=_json_field(meta, "metrics", dict),
-        bn=bn,
         created=meta["created"],
         description=_description(meta),
     )
@@ -458,16 +502,7 @@ def validate(artifact: TaskArtifact, backbone: Backbone) -> None:
 
     Format-1 bitmaps learn their parameter's size here (the file cannot say it exactly).
     """
-    if artifact.backbone != backbone.name:
-        raise ArtifactError(
-            "backbone", f"artifact is for {artifact.backbone!r}, server runs {backbone.name!r}"
-        )
-    if artifact.backbone_sha256 != backbone.fingerprint:
-        raise ArtifactError(
-            "backbone_sha256",
-            f"artifact was learned on weights {artifact.backbone_sha256[:16]}…, the loaded "
-            f"backbone is {backbone.fingerprint[:16]}…",
-        )
+    check_backbone(artifact, backbone)
     weights = backbone.maskable()
     missing = sorted(set(weights) - set(artifact.masks))
     extra = sorted(set(artifact.masks) - set(weights))

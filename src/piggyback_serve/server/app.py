@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from piggyback_serve.masks.backbones import Backbone
-from piggyback_serve.server import auth, errors
+from piggyback_serve.server import auth, errors, open_files
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
@@ -98,6 +99,7 @@ def _services(settings: Settings, backbone: Backbone | None) -> Services:
 
 async def _start(svc: Services) -> None:
     auth.warn_if_admin_open(svc.settings)
+    open_files.raise_soft_limit()
     try:
         if not svc.registry.url.startswith(REMOTE_SCHEMES):
             await svc.registry.ping()
@@ -114,15 +116,28 @@ async def _start(svc: Services) -> None:
         svc.engine.prepare,
         on_change=svc.engine.forget,
         rescan_s=svc.settings.registry_rescan_s,
+        host_budget=host_state_budget(svc.settings),
+        loads=svc.settings.task_loads,
     )
     await catalog.refresh()
     svc.catalog = catalog
     log.info(
-        "ready: backbone %s, %d engine workers on %s, %d tasks from %s",
+        "ready: backbone %s, %d engine workers on %s, %d tasks from %s (%d invalid), "
+        "task states kept up to %d MB in host memory",
         loaded.name,
         svc.engine.alive,
         svc.engine.device,
         len(catalog.tasks),
         svc.registry.url,
+        len(catalog.failed),
+        catalog.host.budget // 10**6,
     )
     svc.background.append(asyncio.create_task(catalog.watch()))
+
+
+def host_state_budget(settings: Settings) -> int:
+    """PIGGY_HOST_STATE_BYTES, or a quarter of the memory free now."""
+    if settings.host_state_bytes is not None:
+        return settings.host_state_bytes
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // 4

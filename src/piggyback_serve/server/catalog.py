@@ -1,4 +1,13 @@
-"""The tasks this server knows: the registry's artifacts, parsed and validated once each.
+"""The tasks this server knows: the registry's index and each artifact's header at start,
+a task's state built on first use and kept in a bounded host-memory tier.
+
+Listing a task reads its artifact's header only (name, labels, backbone, fingerprint,
+size): start-up and memory do not grow with what the tasks hold. The first request to a
+task reads the whole artifact, checks it against the backbone and builds the engine's
+state (`resident`); states stay in host memory up to a budget in bytes, least recently
+used evicted (every worker forgets it too) and read again on demand. An artifact found
+invalid only then is reported (`failed`: /tasks' neighbours, /readyz, the log) and
+answers 422 once, 404 with the reason after.
 
 The registry may change under us (another process writing the folder, another replica),
 so the catalog rescans it on a short interval (Redis: when a change is announced). A name
@@ -13,15 +22,19 @@ import asyncio
 import dataclasses
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.errors import ArtifactError
 from piggyback_serve.server.engine.task_state import TaskState
-from piggyback_serve.server.errors import RegistryUnavailable, TaskNotFound
+from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
+from piggyback_serve.server.open_files import explain
 from piggyback_serve.server.registry import Entry, Registry, RegistryError
 
 log = logging.getLogger("piggy.serve")
@@ -29,14 +42,14 @@ log = logging.getLogger("piggy.serve")
 
 @dataclass(frozen=True)
 class Task:
-    """One servable task under the name the registry gives it: its artifact's metadata and
-    head (the masks, once turned into `state`, are not kept) and its engine state."""
+    """One servable task under the name the registry gives it: its artifact's metadata
+    (no tensors) and, on the copy `Catalog.resident` returns, its engine state."""
 
     name: str
     version: str
     size_bytes: int
-    artifact: TaskArtifact
-    state: TaskState
+    artifact: TaskArtifact  # read_header's: labels, input size, mean, std, metrics...
+    state: TaskState | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -53,7 +66,54 @@ def parse(data: bytes, backbone: Backbone) -> TaskArtifact:
     return artifacts.load(data, backbone)
 
 
+def parse_header(data: bytes, backbone: Backbone) -> TaskArtifact:
+    """The header's metadata, checked, for this backbone (no tensor decoded)."""
+    header = artifacts.read_header(data)
+    artifacts.check_backbone(header, backbone)
+    return header
+
+
 Prepare = Callable[[TaskArtifact], TaskState]
+
+
+@dataclass
+class Tier:
+    """Task states kept ready, least recently used first, up to `budget` bytes."""
+
+    budget: int
+    states: OrderedDict[tuple[str, str], TaskState] = field(default_factory=OrderedDict)
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    def get(self, key: tuple[str, str]) -> TaskState | None:
+        state = self.states.get(key)
+        if state is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.states.move_to_end(key)
+        return state
+
+    def put(self, key: tuple[str, str], state: TaskState) -> list[tuple[str, str]]:
+        """Keep `state` (the most recent); returns the keys evicted to stay in budget (the
+        newest state stays even when it alone is over)."""
+        self.drop(key)
+        self.states[key] = state
+        self.bytes += state.nbytes
+        evicted = []
+        while self.bytes > self.budget and len(self.states) > 1:
+            old, gone = self.states.popitem(last=False)
+            self.bytes -= gone.nbytes
+            self.evictions += 1
+            evicted.append(old)
+        return evicted
+
+    def drop(self, key: tuple[str, str]) -> None:
+        gone = self.states.pop(key, None)
+        if gone is not None:
+            self.bytes -= gone.nbytes
 
 
 class Catalog:
@@ -64,14 +124,22 @@ class Catalog:
         prepare: Prepare,
         on_change: Callable[[str], None] = lambda name: None,
         rescan_s: float = 1.0,
+        host_budget: int = 1 << 62,
+        loads: int = 2,
     ):
         self.registry = registry
         self.backbone = backbone
         self.prepare = prepare  # artifact -> engine state (EnginePool.prepare)
-        self.on_change = on_change  # called with a name whose artifact went away or changed
-        self.tasks: dict[str, Task] = {}
+        # Called with a name whose artifact went away or changed, or whose state was
+        # evicted: the workers forget its states.
+        self.on_change = on_change
+        self.tasks: dict[str, Task] = {}  # every task listed, by name (headers only)
+        self.host = Tier(host_budget)  # the states ready in host memory
+        self.failed: dict[str, str] = {}  # name -> why its artifact could not be served
         self.registry_error: str | None = None
         self._rejected: dict[str, str] = {}  # version -> why, so a bad file is parsed once
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}  # one build per state
+        self._loads = asyncio.Semaphore(loads)
         self.rescan_s = rescan_s  # PIGGY_REGISTRY_RESCAN_S: the shortest gap between rescans
         self._lock = asyncio.Lock()  # rescans, uploads and deletes, one at a time
         self._scanned_at = -math.inf  # loop time the last rescan was started or asked for
@@ -83,19 +151,22 @@ class Catalog:
             self._scanned_at = _now()
             try:
                 entries = await self.registry.list()
-                for name in set(self.tasks) - set(entries):
+                for name in (set(self.tasks) | set(self.failed)) - set(entries):
                     self._forget(name)
                 for name, entry in entries.items():
                     known = self.tasks.get(name)
                     if known is None or known.version != entry.version:
                         await self._load(entry)
                 self.registry_error = None
-            except RegistryError as exc:
-                if self.registry_error is None:
-                    log.error("registry unreachable: %s", exc)
-                self.registry_error = str(exc)
+            except (RegistryError, OSError) as exc:  # OSError: out of open files, say
+                # A registry not read whole is not ready: /readyz says why until it is.
+                message = explain(exc)
+                if self.registry_error != message:
+                    log.error("registry unreadable: %s", message)
+                self.registry_error = message
 
     async def _load(self, entry: Entry) -> None:
+        """List the task behind `entry` from its artifact's header."""
         if entry.version in self._rejected:
             return
         found = await self.registry.read(entry.name)
@@ -104,32 +175,91 @@ class Catalog:
             return
         data, entry = found
         try:
-            art, state = await asyncio.to_thread(self._parse, data)
+            header = parse_header(data, self.backbone)
         except ArtifactError as exc:
-            log.warning("skipping task %s: invalid artifact: %s", entry.name, exc)
-            self._rejected[entry.version] = str(exc)
-            self._forget(entry.name)
+            self._reject(entry, exc)
             return
-        self._remember(Task(entry.name, entry.version, entry.size, art, state))
+        self._remember(Task(entry.name, entry.version, entry.size, header))
 
-    def _parse(self, data: bytes) -> tuple[TaskArtifact, TaskState]:
-        """Validate, build the engine state, then drop the masks: the state replaces them."""
+    def _reject(self, entry: Entry, exc: ArtifactError) -> None:
+        log.warning("task %s not served: invalid artifact: %s", entry.name, exc)
+        self._rejected[entry.version] = str(exc)
+        self._forget(entry.name)
+        self.failed[entry.name] = f"invalid artifact: {exc}"
+
+    def _build(self, data: bytes) -> tuple[TaskArtifact, TaskState]:
+        """Validate, build the engine state; the artifact kept is its header's part."""
         art = parse(data, self.backbone)
         state = self.prepare(art)
-        return dataclasses.replace(art, masks={}), state
+        n = len(art.labels)  # the state holds the tensors: keep what read_header keeps
+        header = dataclasses.replace(
+            art, masks={}, bn={}, head_weight=torch.empty(n, 0), head_bias=torch.empty(n)
+        )
+        return header, state
 
-    def _remember(self, task: Task) -> None:
+    def _remember(self, task: Task, state: TaskState | None = None) -> None:
         if task.name in self.tasks:
-            self.on_change(task.name)
+            self._evict_all(task.name)
         self.tasks[task.name] = task
-        log.info(
+        self.failed.pop(task.name, None)
+        if state is not None:
+            self._keep(task.key, state)
+        log.debug(
             "task %s: %d labels (version %s)", task.name, len(task.artifact.labels), task.version
         )
 
     def _forget(self, name: str) -> None:
         if self.tasks.pop(name, None) is not None:
-            self.on_change(name)
+            self._evict_all(name)
             log.info("task %s removed", name)
+        self.failed.pop(name, None)
+
+    def _evict_all(self, name: str) -> None:
+        """Drop every state of `name` here and in the workers."""
+        for key in [k for k in self.host.states if k[0] == name]:
+            self.host.drop(key)
+        self.on_change(name)
+
+    def _keep(self, key: tuple[str, str], state: TaskState) -> None:
+        for old in self.host.put(key, state):
+            self.on_change(old[0])
+
+    async def resident(self, task: Task) -> Task:
+        """`task` with its engine state: from the host tier, or read from the registry,
+        checked and built now (one build per state however many ask). An artifact found
+        invalid now answers 422 and is reported; one gone since listing answers 404."""
+        state = self.host.get(task.key)
+        if state is not None:
+            return dataclasses.replace(task, state=state)
+        building = self._loading.get(task.key)
+        if building is None:
+            building = asyncio.ensure_future(self._build_state(task))
+            self._loading[task.key] = building
+            building.add_done_callback(lambda _: self._loading.pop(task.key, None))
+        return await asyncio.shield(building)
+
+    async def _build_state(self, task: Task) -> Task:
+        async with self._loads:
+            try:
+                found = await self.registry.read(task.name)
+            except RegistryError as exc:
+                raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+            if found is None:
+                self._forget(task.name)
+                raise self.not_found(task.name)
+            data, entry = found
+            try:
+                art, state = await asyncio.to_thread(self._build, data)
+            except ArtifactError as exc:
+                self._reject(entry, exc)
+                raise InvalidArtifact(f"task {task.name!r}: invalid artifact: {exc}") from exc
+        current = Task(entry.name, entry.version, entry.size, art)
+        if self.tasks.get(task.name, current).version != entry.version:
+            self._remember(current)  # replaced since it was listed: serve the newer one
+        elif task.name not in self.tasks:  # deleted while it was being built
+            raise self.not_found(task.name)
+        self._keep(current.key, state)
+        return dataclasses.replace(current, state=state)
 
     def get(self, name: str) -> Task:
         """The task called `name`, from what the catalog knows: no registry round trip, no
@@ -161,6 +291,8 @@ class Catalog:
 
     def not_found(self, name: str, shown: int = 10) -> TaskNotFound:
         """The 404 for `name`, saying which tasks there are and where to list them."""
+        if name in self.failed:
+            return TaskNotFound(f"task {name!r} is not served: {self.failed[name]}")
         names = sorted(self.tasks)
         if not names:
             return TaskNotFound(
@@ -174,14 +306,14 @@ class Catalog:
 
     async def put(self, name: str, data: bytes) -> Task:
         """Validate, then store: an invalid artifact never reaches the registry."""
-        art, state = await asyncio.to_thread(self._parse, data)
+        art, state = await asyncio.to_thread(self._build, data)
         async with self._lock:
             try:
                 entry = await self.registry.put(name, data)
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
-            task = Task(name, entry.version, entry.size, art, state)
-            self._remember(task)
+            task = Task(name, entry.version, entry.size, art)
+            self._remember(task, state)
             return task
 
     async def delete(self, name: str) -> bool:

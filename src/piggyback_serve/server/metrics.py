@@ -82,7 +82,8 @@ class _StateCollector(Collector):
         "task_state_bytes": "Bytes of task state the server holds (sparse patches, heads, BN)",
         "device_task_state_bytes": "Bytes of task state copied to the device (0 on the CPU)",
         "working_copy_bytes": "Bytes of the masked weights' working copy and its pristine twin",
-        "tasks_registered": "Tasks the server knows",
+        "tasks_registered": "Tasks the server knows (listed from the registry)",
+        "tasks_failed": "Tasks listed but not served: their artifact is invalid",
         "queue_depth": "Images waiting in task queues",
         "engine_workers": "Engine workers in the pool",
         "engine_workers_alive": "Engine workers running (ready for batches)",
@@ -99,6 +100,17 @@ class _StateCollector(Collector):
         "busy": "1 while the worker runs a batch",
     }
 
+    # Per tier of task states (label `tier`: host), from catalog.Tier.
+    TIER_GAUGES = {
+        "resident": ("piggy_tier_tasks", "Task states kept ready in the tier"),
+        "bytes": ("piggy_tier_bytes", "Bytes of the task states in the tier"),
+    }
+    TIER_COUNTERS = {
+        "hits": ("piggy_tier_hits", "Requests whose task state was in the tier"),
+        "misses": ("piggy_tier_misses", "Requests whose task state had to be built"),
+        "evictions": ("piggy_tier_evictions", "Task states evicted to stay within budget"),
+    }
+
     def __init__(self, state: Callable[[], dict]):
         self.state = state
 
@@ -108,6 +120,17 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(f"piggy_{key}", doc, value=values.get(key, 0))
         for key, doc in self.GAUGES.items():
             yield GaugeMetricFamily(f"piggy_{key}", doc, value=values.get(key, 0))
+        tiers = values.get("tiers", {})
+        for key, (name, doc) in self.TIER_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["tier"])
+            for tier, t in tiers.items():
+                family.add_metric([tier], len(t.states) if key == "resident" else t.bytes)
+            yield family
+        for key, (name, doc) in self.TIER_COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=["tier"])
+            for tier, t in tiers.items():
+                family.add_metric([tier], getattr(t, key))
+            yield family
         workers = values.get("workers", [])
         for key, doc in self.WORKER_COUNTERS.items():
             family = CounterMetricFamily(f"piggy_worker_{key}", doc, labels=["worker"])

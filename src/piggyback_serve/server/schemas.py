@@ -65,7 +65,12 @@ class Health(BaseModel):
     status: str
     backbone: str
     registry: str
-    tasks: int
+    tasks: int = Field(description="tasks listed from the registry (headers read)")
+    tasks_loaded: int = Field(0, description="of those, with their state ready in memory")
+    tasks_failed: int = Field(0, description="listed but not served: invalid artifacts")
+    failed: dict[str, str] = Field(
+        {}, description="the first failed tasks (at most 10), each with why"
+    )
     workers: list[WorkerInfo] = []  # the pool's own record of each engine worker
 
 

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     # start; measured in bench/results (the compile section).
     compile: bool = False
 
+    # Task states kept ready in host memory (bytes), least recently used evicted past it
+    # and read from the registry again on demand; None: a quarter of the memory available
+    # at start. On CUDA each worker keeps device copies up to `device_state_bytes` (None: a
+    # quarter of the device's free memory at start).
+    host_state_bytes: int | None = Field(None, ge=0)
+    device_state_bytes: int | None = Field(None, ge=0)
+    # Task states built at once when a task is first used (each a registry read, a full
+    # check and the engine's patch), the rest wait.
+    task_loads: int = Field(2, ge=1)
+
     max_body_bytes: int = Field(16 * MiB, ge=1)
     max_artifact_bytes: int = Field(256 * MiB, ge=1)
     max_pixels: int = Field(Image.MAX_IMAGE_PIXELS or 89_478_485, ge=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Request
 
 from piggyback_serve.server.batcher import Batcher
@@ -49,15 +50,28 @@ class Services:
         note_task(request, task.name)
         return task
 
+    async def classify(
+        self, task: Task, images: list[torch.Tensor], started: float
+    ) -> tuple[Task, list[torch.Tensor]]:
+        """Softmax probabilities per image from the engine: the task's state made ready
+        (built on its first use), then batched; 504 past the request timeout from
+        `started` (time.perf_counter)."""
+        ready = await self.require_catalog().resident(task)
+        timeout_s = self.settings.request_timeout_s
+        return ready, await self.batcher.submit_within(ready, images, started, timeout_s)
+
     def snapshot(self) -> dict:
         """Values exported to /metrics at scrape time (`workers`: one WorkerInfo each)."""
         engine = self.engine
-        tasks = list(self.catalog.tasks.values()) if self.catalog else []
+        catalog = self.catalog
+        tasks = list(catalog.tasks.values()) if catalog else []
         workers = engine.workers()
         return {
             "task_switches": sum(w.switches for w in workers),
             "mixed_batches": sum(w.mixed for w in workers),
-            "task_state_bytes": sum(t.state.nbytes for t in tasks),
+            "task_state_bytes": catalog.host.bytes if catalog else 0,
+            "tiers": {"host": catalog.host} if catalog else {},
+            "tasks_failed": len(catalog.failed) if catalog else 0,
             "device_task_state_bytes": engine.device_state_bytes,
             "working_copy_bytes": engine.working_copy_bytes,
             "tasks_registered": len(tasks),

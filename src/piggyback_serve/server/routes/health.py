@@ -12,6 +12,7 @@ from piggyback_serve.server.schemas import Health, Liveness
 from piggyback_serve.server.state import ServicesDep
 
 router = APIRouter(tags=["health"])
+SHOWN_FAILURES = 10
 
 
 @router.get("/healthz", response_model=Liveness, summary="Liveness: the process answers")
@@ -30,8 +31,8 @@ async def readyz(svc: ServicesDep):
     if catalog is None:
         why = svc.startup_error or "the backbone is still loading"
         return _not_ready(f"not ready: {why}")
-    if catalog.registry_error:
-        return _not_ready(f"registry {svc.registry.url} unreachable: {catalog.registry_error}")
+    if catalog.registry_error:  # down, or not read whole: what is missing can't be told
+        return _not_ready(f"registry {svc.registry.url} unreadable: {catalog.registry_error}")
     engine = svc.engine
     if not engine.alive:
         return _not_ready("not ready: no engine worker is running (being replaced)")
@@ -40,6 +41,9 @@ async def readyz(svc: ServicesDep):
         backbone=engine.backbone.name,
         registry=svc.registry.url,
         tasks=len(catalog.tasks),
+        tasks_loaded=len(catalog.host.states),
+        tasks_failed=len(catalog.failed),
+        failed=dict(sorted(catalog.failed.items())[:SHOWN_FAILURES]),
         workers=engine.workers(),
     )
 

@@ -178,7 +178,7 @@ async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
         images = await prepare_async(blobs, task.artifact, settings.max_pixels)
     else:
         images = _pixels(tensor, task, settings)
-    probs = await svc.batcher.submit_within(task, images, started, settings.request_timeout_s)
+    task, probs = await svc.classify(task, images, started)
     svc.metrics.images.labels(task.name).inc(len(images))
     k = min(_top_k(header), len(task.artifact.labels))
     scores, indices = torch.stack(probs).float().topk(k, dim=1)

@@ -73,7 +73,7 @@ async def predict(
     settings = svc.settings
     blobs, names = await _images(request, settings)
     tensors = await prepare_async(blobs, found.artifact, settings.max_pixels, names)
-    probs = await svc.batcher.submit_within(found, tensors, started, settings.request_timeout_s)
+    found, probs = await svc.classify(found, tensors, started)
     svc.metrics.images.labels(found.name).inc(len(blobs))
     labels = found.artifact.labels
     scores, indices = torch.stack(probs).topk(min(top_k, len(labels)), dim=1)
