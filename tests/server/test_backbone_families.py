@@ -132,10 +132,10 @@ def test_piggy_serve_serves_a_vit_trained_by_piggy_masks(tmp_path):
     import io
 
     from PIL import Image
-    from tests.server.test_e2e import piggy_serve
 
     from piggyback_serve.masks.cli import main as masks_cli
     from tests.server.server_support import Reference
+    from tests.server.test_e2e import piggy_serve
 
     name = "timm:vit_small_patch16_224"
     weights = tmp_path / "weights.safetensors"
