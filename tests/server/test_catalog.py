@@ -88,7 +88,7 @@ async def test_a_registry_not_read_whole_is_not_ready(settings, backbone, monkey
         async def out_of_files(name):
             raise OSError(24, "Too many open files")
 
-        monkeypatch.setattr(registry, "read", out_of_files)
+        monkeypatch.setattr(registry, "read_header", out_of_files)
         monkeypatch.setattr(catalog, "tasks", {})  # as if the start had stopped half-way
         await catalog.refresh()
         r = await client.get("/readyz")

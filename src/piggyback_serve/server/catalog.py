@@ -169,7 +169,7 @@ class Catalog:
         """List the task behind `entry` from its artifact's header."""
         if entry.version in self._rejected:
             return
-        found = await self.registry.read(entry.name)
+        found = await self.registry.read_header(entry.name)
         if found is None:
             self._forget(entry.name)
             return

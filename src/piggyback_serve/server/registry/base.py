@@ -15,6 +15,11 @@ def valid_name(name: str) -> bool:
     return bool(_NAME.fullmatch(name))
 
 
+def header_size(prefix: bytes) -> int:
+    """Bytes of a safetensors file's header, its 8-byte length included, from its first 8."""
+    return 8 + int.from_bytes(prefix[:8], "little") if len(prefix) >= 8 else len(prefix)
+
+
 class RegistryError(Exception):
     """The registry can't be reached or can't do what was asked."""
 
@@ -39,6 +44,10 @@ class Registry(Protocol):
 
     async def read(self, name: str) -> tuple[bytes, Entry] | None:
         """The artifact's bytes and entry, or None when there is no such task."""
+
+    async def read_header(self, name: str) -> tuple[bytes, Entry] | None:
+        """The artifact's first bytes, its safetensors header whole (`header_size`), and
+        its entry; or None. What listing a task needs, without reading its tensors."""
 
     async def put(self, name: str, data: bytes) -> Entry:
         """Store (or atomically replace) a task's artifact."""

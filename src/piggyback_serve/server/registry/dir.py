@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from piggyback_serve.masks.artifact import write_atomic
-from piggyback_serve.server.registry.base import Entry, RegistryError, valid_name
+from piggyback_serve.server.registry.base import Entry, RegistryError, header_size, valid_name
 
 SUFFIX = ".safetensors"
 
@@ -60,6 +60,22 @@ class DirRegistry:
             with open(self._file(name), "rb") as f:
                 stat = os.fstat(f.fileno())
                 return f.read(), _entry(name, stat)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RegistryError(f"{self.url}: {exc}") from exc
+
+    async def read_header(self, name: str) -> tuple[bytes, Entry] | None:
+        return await asyncio.to_thread(self._read_header, name)
+
+    def _read_header(self, name: str) -> tuple[bytes, Entry] | None:
+        try:
+            with open(self._file(name), "rb") as f:
+                stat = os.fstat(f.fileno())
+                prefix = f.read(8)
+                # A damaged file may claim any length: read no further than its end.
+                rest = min(header_size(prefix), stat.st_size) - len(prefix)
+                return prefix + f.read(max(rest, 0)), _entry(name, stat)
         except FileNotFoundError:
             return None
         except OSError as exc:

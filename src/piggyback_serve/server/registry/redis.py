@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from piggyback_serve.server.registry.base import Entry, RegistryError, valid_name
+from piggyback_serve.server.registry.base import Entry, RegistryError, header_size, valid_name
 
 log = logging.getLogger("piggy.serve")
 
@@ -107,13 +107,25 @@ class RedisRegistry:
             return None
         return data, Entry(name, version.decode(), len(data))
 
+    async def read_header(self, name: str) -> tuple[bytes, Entry] | None:
+        """The header stored beside the data (older entries have none: the data then)."""
+        key = self._task_key(name)
+        try:
+            header, version, size = await self._client.hmget(key, ["header", "version", "size"])
+        except RedisError as exc:
+            raise self._error(exc) from exc
+        if header is None or version is None or size is None:
+            return await self.read(name)
+        return header, Entry(name, version.decode(), int(size))
+
     async def put(self, name: str, data: bytes) -> Entry:
         entry = Entry(name, _version(data), len(data))
         key = self._task_key(name)
         note = json.dumps({"op": "put", "name": name, "version": entry.version})
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping={"data": data, "version": entry.version, "size": len(data)})
+                fields = {"data": data, "header": data[: header_size(data)]}
+                pipe.hset(key, mapping=fields | {"version": entry.version, "size": len(data)})
                 pipe.hset(self._index, name, f"{entry.version} {entry.size}")
                 pipe.incr(self._seq_key)
                 pipe.publish(self.channel, note)
