@@ -1,8 +1,6 @@
 """Fixtures for the reliability and security tests: the server tests' helpers
 (tests/server/server_support.py), two small tasks on a random resnet18 at 32 px."""
 
-
-
 from tests.server.server_support import registry_fixtures
 
 TASKS = ("alpha", "beta")

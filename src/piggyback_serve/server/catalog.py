@@ -22,9 +22,8 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +32,7 @@ from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.errors import ArtifactError
 from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
 from piggyback_serve.server.open_files import explain
 from piggyback_serve.server.registry import Entry, Registry, RegistryError
@@ -74,46 +74,6 @@ def parse_header(data: bytes, backbone: Backbone) -> TaskArtifact:
 
 
 Prepare = Callable[[TaskArtifact], TaskState]
-
-
-@dataclass
-class Tier:
-    """Task states kept ready, least recently used first, up to `budget` bytes."""
-
-    budget: int
-    states: OrderedDict[tuple[str, str], TaskState] = field(default_factory=OrderedDict)
-    bytes: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-
-    def get(self, key: tuple[str, str]) -> TaskState | None:
-        state = self.states.get(key)
-        if state is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.states.move_to_end(key)
-        return state
-
-    def put(self, key: tuple[str, str], state: TaskState) -> list[tuple[str, str]]:
-        """Keep `state` (the most recent); returns the keys evicted to stay in budget (the
-        newest state stays even when it alone is over)."""
-        self.drop(key)
-        self.states[key] = state
-        self.bytes += state.nbytes
-        evicted = []
-        while self.bytes > self.budget and len(self.states) > 1:
-            old, gone = self.states.popitem(last=False)
-            self.bytes -= gone.nbytes
-            self.evictions += 1
-            evicted.append(old)
-        return evicted
-
-    def drop(self, key: tuple[str, str]) -> None:
-        gone = self.states.pop(key, None)
-        if gone is not None:
-            self.bytes -= gone.nbytes
 
 
 class Catalog:

@@ -100,10 +100,11 @@ class _StateCollector(Collector):
         "busy": "1 while the worker runs a batch",
     }
 
-    # Per tier of task states (label `tier`: host), from catalog.Tier.
+    # Per tier of task states (label `tier`: host, device), from engine.tier.TierStats.
     TIER_GAUGES = {
         "resident": ("piggy_tier_tasks", "Task states kept ready in the tier"),
         "bytes": ("piggy_tier_bytes", "Bytes of the task states in the tier"),
+        "budget": ("piggy_tier_budget_bytes", "Bytes the tier may hold"),
     }
     TIER_COUNTERS = {
         "hits": ("piggy_tier_hits", "Requests whose task state was in the tier"),
@@ -124,7 +125,7 @@ class _StateCollector(Collector):
         for key, (name, doc) in self.TIER_GAUGES.items():
             family = GaugeMetricFamily(name, doc, labels=["tier"])
             for tier, t in tiers.items():
-                family.add_metric([tier], len(t.states) if key == "resident" else t.bytes)
+                family.add_metric([tier], getattr(t, key))
             yield family
         for key, (name, doc) in self.TIER_COUNTERS.items():
             family = CounterMetricFamily(name, doc, labels=["tier"])

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog, Task
 from piggyback_serve.server.engine import EnginePool
+from piggyback_serve.server.engine.tier import TierStats
 from piggyback_serve.server.errors import NotReady, TaskNotFound
 from piggyback_serve.server.metrics import UNKNOWN_TASK, Metrics, note_task
 from piggyback_serve.server.registry import Registry
@@ -60,6 +61,13 @@ class Services:
         timeout_s = self.settings.request_timeout_s
         return ready, await self.batcher.submit_within(ready, images, started, timeout_s)
 
+    def tiers(self) -> dict[str, TierStats]:
+        """Each tier of task states: host (the catalog's), device (the workers', summed)."""
+        found = {"host": self.catalog.host.stats()} if self.catalog else {}
+        if (device := self.engine.device_tier) is not None:
+            found["device"] = device
+        return found
+
     def snapshot(self) -> dict:
         """Values exported to /metrics at scrape time (`workers`: one WorkerInfo each)."""
         engine = self.engine
@@ -70,7 +78,7 @@ class Services:
             "task_switches": sum(w.switches for w in workers),
             "mixed_batches": sum(w.mixed for w in workers),
             "task_state_bytes": catalog.host.bytes if catalog else 0,
-            "tiers": {"host": catalog.host} if catalog else {},
+            "tiers": self.tiers(),
             "tasks_failed": len(catalog.failed) if catalog else 0,
             "device_task_state_bytes": engine.device_state_bytes,
             "working_copy_bytes": engine.working_copy_bytes,

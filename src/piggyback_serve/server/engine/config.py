@@ -13,3 +13,6 @@ class WorkerConfig:
     threads: int  # torch intra-op threads
     one_pass: bool  # mixed batches in one pass (server/engine/mixed.py) rather than per task
     compile: bool = False  # torch.compile the module (the working copy stays its parameters)
+    # Device copies of task states kept (bytes; CUDA or a dtype other than float32);
+    # None: a quarter of the device's free memory when the worker starts.
+    device_state_bytes: int | None = None

@@ -47,6 +47,7 @@ def place(settings: Settings) -> list[WorkerConfig]:
             threads=settings.engine_threads,
             one_pass=mode == "one-pass",
             compile=settings.compile,
+            device_state_bytes=settings.device_state_bytes,
         )
         for i, name in enumerate(devices)
     ]

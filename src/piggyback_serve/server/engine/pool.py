@@ -37,6 +37,7 @@ from piggyback_serve.server.engine.geometry import Geometries
 from piggyback_serve.server.engine.layout import Template
 from piggyback_serve.server.engine.placement import place
 from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.engine.tier import TierStats
 from piggyback_serve.server.engine.worker import Row, TaskKey
 from piggyback_serve.server.settings import Settings
 
@@ -82,6 +83,7 @@ class _Handle:
         self.pending: tuple[int, asyncio.Future] | None = None
         self.patched: TaskKey | None = None
         self.batches = self.switches = self.mixed = self.device_state_bytes = 0
+        self.device_tier: TierStats | None = None  # None while it has made no device copy
 
     @property
     def idle(self) -> bool:
@@ -215,6 +217,12 @@ class EnginePool:
     def device_state_bytes(self) -> int:
         return sum(h.device_state_bytes for h in self._handles.values())
 
+    @property
+    def device_tier(self) -> TierStats | None:
+        """The workers' device tiers summed (None where no worker copies states)."""
+        tiers = [h.device_tier for h in self._handles.values() if h.device_tier is not None]
+        return sum(tiers, TierStats()) if tiers else None
+
     # -- tasks ---------------------------------------------------------------------------
 
     def prepare(self, artifact: TaskArtifact) -> TaskState:
@@ -300,7 +308,7 @@ class EnginePool:
         else:
             batch_id, payload, stats = message[1], message[2], message[-1]
             handle.batches, handle.switches, handle.mixed, handle.patched = stats[:4]
-            handle.device_state_bytes = stats[4]
+            handle.device_state_bytes, handle.device_tier = stats[4], stats[5]
             pending = handle.pending
             if pending is not None and pending[0] == batch_id and not pending[1].done():
                 if kind == "done":

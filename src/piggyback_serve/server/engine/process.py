@@ -66,4 +66,5 @@ def _pixels(array, worker: Worker) -> torch.Tensor:
 
 def _stats(worker: Worker) -> tuple:
     s = worker.stats
-    return s.batches, s.switches, s.mixed, worker.working.patched, worker.device_state_bytes
+    tier = worker.device_tier.stats() if worker.copies_states else None
+    return s.batches, s.switches, s.mixed, worker.working.patched, worker.device_state_bytes, tier

@@ -19,6 +19,7 @@ A worker is single-owner: only the thread or process that built it calls it.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from piggyback_serve.server.engine.geometry import Geometries
 from piggyback_serve.server.engine.layout import Template
 from piggyback_serve.server.engine.mixed import Block, MixedForward
 from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.engine.working_copy import WorkingCopy
 
 TaskKey = tuple[str, str]  # (name, version)
@@ -66,7 +68,8 @@ class Worker:
         self.geometries = Geometries(self.module, self.layout.slots)
         self.forward = torch.compile(self.module) if config.compile else self.module
         self.stats = WorkerStats()
-        self._on_device: dict[TaskKey, TaskState] = {}  # device copies (CPU float32: none)
+        # Device copies of task states (CPU float32: none, the shared states are used).
+        self.device_tier = Tier(_device_budget(config, self.device))
 
     @classmethod
     def local(cls, config: WorkerConfig, backbone: Backbone) -> Worker:
@@ -161,12 +164,19 @@ class Worker:
             order.extend(members)
         return order, blocks
 
+    @property
+    def copies_states(self) -> bool:
+        """Whether task states are copied (to the device, or to its dtype): not on the
+        CPU in float32, where the pool's shared states are used as they are."""
+        return self.device.type != "cpu" or self.dtype != torch.float32
+
     def _device_state(self, key: TaskKey, state: TaskState) -> TaskState:
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        if not self.copies_states:
             return state
-        found = self._on_device.get(key)
+        found = self.device_tier.get(key)
         if found is None:
-            found = self._on_device[key] = state.to(self.device, self.dtype)
+            found = state.to(self.device, self.dtype)
+            self.device_tier.put(key, found)  # an evicted copy a batch holds stays valid
         return found
 
     def _switch(self, key: TaskKey | None, state: TaskState) -> None:
@@ -179,11 +189,21 @@ class Worker:
         """Drop the device copies of these tasks (deleted or replaced). The working copy
         may still run one: it is restored at the next switch."""
         for key in keys:
-            self._on_device.pop(key, None)
+            self.device_tier.drop(key)
 
     @property
     def device_state_bytes(self) -> int:
-        return sum(s.nbytes for s in self._on_device.values())
+        return self.device_tier.bytes
+
+
+def _device_budget(config: WorkerConfig, device: torch.device) -> int:
+    """Bytes of device copies to keep: the configured budget, or a quarter of what the
+    device has free now (host memory for a CPU worker in another dtype)."""
+    if config.device_state_bytes is not None:
+        return config.device_state_bytes
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 def _pristine(states: dict[TaskKey, TaskState]) -> TaskState:
