@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from piggyback_serve._pipes import quiet_when_the_reader_leaves
 from piggyback_serve.client.client import DEFAULT_URL, Client, Retry
 from piggyback_serve.client.errors import APIError, TransportError
 from piggyback_serve.client.results import as_json
@@ -144,21 +144,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return quiet_when_the_reader_leaves(lambda: _main(argv))
-
-
-def quiet_when_the_reader_leaves(run: Callable[[], int]) -> int:
-    """run(), ending with status 1 and no traceback when stdout's reader has gone
-    (`piggy tasks | head -1`): Python's recipe in its `signal` docs ("Note on SIGPIPE"),
-    not SIG_DFL, which would also kill the process on a write to a closed socket."""
-    try:
-        try:
-            return run()
-        finally:
-            sys.stdout.flush()  # --help's SystemExit too: a failed flush at exit is noisy
-    except BrokenPipeError:
-        # The interpreter flushes stdout again as it exits: give that flush a sink.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 def _main(argv: list[str] | None) -> int:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from piggyback_serve._pipes import quiet_when_the_reader_leaves
 from piggyback_serve.masks import artifact, data, demo, samples, train
 from piggyback_serve.masks.backbones import BACKBONES, LIBRARIES, load_backbone
 from piggyback_serve.masks.errors import MasksError
@@ -347,21 +346,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"piggy-masks: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def quiet_when_the_reader_leaves(run: Callable[[], int]) -> int:
-    """run(), ending with status 1 and no traceback when stdout's reader has gone
-    (`piggy-masks inspect FILE | head`): Python's recipe in its `signal` docs ("Note on
-    SIGPIPE"), not SIG_DFL, which would also kill a process writing to a closed socket."""
-    try:
-        try:
-            return run()
-        finally:
-            sys.stdout.flush()  # --help's SystemExit too: a failed flush at exit is noisy
-    except BrokenPipeError:
-        # The interpreter flushes stdout again as it exits: give that flush a sink.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from piggyback_serve._pipes import quiet_when_the_reader_leaves
 from piggyback_serve.masks.errors import MasksError
 from piggyback_serve.server.registry import RegistryError, open_registry
 from piggyback_serve.server.settings import Settings
@@ -92,6 +93,10 @@ def prepare_demo(settings: Settings):
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_when_the_reader_leaves(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if not args.ray and (args.replicas is not None or args.replica_cpus is not None):

@@ -12,14 +12,9 @@ import os
 
 import torch
 
+from piggyback_serve.masks.device import resolve_device
 from piggyback_serve.server.engine.config import WorkerConfig
 from piggyback_serve.server.settings import Settings
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def available_cores() -> int:
