@@ -121,7 +121,7 @@ class Bed:
         cpu, batches = proc.cpu_s(children=True), self.batches(proc)
         result = loadgen.run(
             proc.port, choose, clients, o.max_requests, seconds or o.window_s, seed=seed
-        )
+        ).check()
         result.cpu_s = proc.cpu_s(children=True) - cpu
         after = self.batches(proc)
         if batches and after and after[1] > batches[1]:
@@ -132,7 +132,7 @@ class Bed:
         """One bounded open-loop measurement at `rate` requests per second."""
         return loadgen.run_open(
             proc.port, choose, rate, seconds, max_requests=self.options.max_requests, seed=seed
-        )
+        ).check()
 
     def batches(self, proc: procs.Proc) -> tuple[float, float] | None:
         """Our server's (images, batches) so far, from /metrics; None for a peer."""

@@ -79,6 +79,12 @@ class LoadResult:
     def requests(self) -> int:
         return len(self.latencies_s)
 
+    def check(self) -> LoadResult:
+        """This result, unless no request was answered 200 (a broken side, not a figure)."""
+        if not self.latencies_s and self.errors:
+            raise HttpError(f"no request answered 200: {self.errors}")
+        return self
+
     @property
     def images_per_s(self) -> float:
         return self.images / self.elapsed_s if self.elapsed_s else 0.0

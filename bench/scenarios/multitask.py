@@ -377,7 +377,7 @@ def http(
                 choose = sides[side]()
                 loadgen.run(proc.port, choose, clients, 2000, warmup_s, seed=r + 100)
                 cpu = proc.cpu_s(children=True)
-                res = loadgen.run(proc.port, choose, clients, 5000, seconds, seed=r)
+                res = loadgen.run(proc.port, choose, clients, 5000, seconds, seed=r).check()
                 used = proc.cpu_s(children=True) - cpu
                 out[side].append(
                     {

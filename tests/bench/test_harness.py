@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 from bench import loadgen, timing
 from bench.stats import Spread, percentile, ratios
 
 
-async def _serve(chunked: bool = False, delay_s: float = 0.0):
-    """A tiny keep-alive HTTP/1.1 server answering every request with 200."""
+async def _serve(chunked: bool = False, delay_s: float = 0.0, status: int = 200):
+    """A tiny keep-alive HTTP/1.1 server answering every request with `status`."""
     served = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -35,7 +36,7 @@ async def _serve(chunked: bool = False, delay_s: float = 0.0):
                         b"2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n"
                     )
                 else:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok".encode())
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -82,6 +83,18 @@ def test_load_generator_stops_at_the_time_bound_and_reads_chunked_answers():
     assert took < 3
     assert 2 <= result.requests < 200 and not result.errors
     assert result.images_per_s > 0
+
+
+def test_a_side_that_answers_no_200_is_not_a_figure():
+    async def main():
+        server, port, _ = await _serve(status=500)
+        async with server:
+            return await loadgen.closed_loop(port, lambda rng: _request(), 2, 6, 30)
+
+    result = asyncio.run(main())
+    assert result.errors == {"500": 6}
+    with pytest.raises(loadgen.HttpError, match="no request answered 200"):
+        result.check()
 
 
 def test_multipart_body_carries_the_file():
