@@ -45,7 +45,7 @@ def answering(http, method: str, path: str, status: int, within_s: float, **kw) 
     return seen
 
 
-# The goal is a second (bench/ray_proxy.py measures it); the test allows 3 s because both
+# The goal is a second (bench/scenarios/ray_proxy.py measures it); the test allows 3 s because both
 # replicas must be hit by Ray's random routing, each request slow on a loaded 2-core CI host.
 PROPAGATION_S = 3.0
 

@@ -11,11 +11,10 @@ elias-fano  the positions, Elias–Fano coded. With n = len(off) and l = floor(l
             like the bitmap and padded to a byte. n = 0 codes to zero bytes.
 
 The writer picks whichever is smaller per parameter (Elias–Fano below ~1/4 switched off).
-Why Elias–Fano (`python -m bench.codings` on the demo tasks, 0.4-1.2% switched off): within
-6-7% of the masks' entropy; varint gaps take 19-24% more, varint gaps + zstd -19 8% more on
-two tasks and 3% less on one; all decode a task in about the same 3 ms. Elias–Fano needs no
+Why Elias–Fano: close to the masks' entropy at the sparsities trained tasks have, with no
 compressor, and its size follows from (n, numel) alone, so a stream is checked against that
-size before anything is decoded (no decompression bomb to guard against).
+size before anything is decoded (no decompression bomb to guard against). The codings
+compared, measured on the demo tasks: `python -m bench --scenarios codings`.
 """
 
 from __future__ import annotations
