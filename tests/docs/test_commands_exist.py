@@ -94,16 +94,7 @@ def bare_commands(page: Path) -> list[str]:
     return [line.strip() for b in blocks for line in b.splitlines() if BARE.match(line.strip())]
 
 
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason="bench's page, its owner's to change"))
-        if p.name == "benchmarks.md"
-        else p
-        for p in PAGES
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_shell_blocks_run_commands_from_the_venv(page: Path):
     assert bare_commands(page) == [], page.name
 
