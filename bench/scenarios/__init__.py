@@ -50,6 +50,7 @@ PAGES = {
     "GPU.md": "The engine on a CUDA device",
     "docker.md": "Docker image and Compose stack",
     "ray_routing.md": "Routing by task on Ray",
+    "registry_scale.md": "The server against the size of its registry",
 }
 
 _LATENCY = ("p50 ms", "p99 ms")
@@ -438,6 +439,100 @@ SCENARIOS: dict[str, Scenario] = {
                 "startup": Table("Start-up to ready", ("side", "s")),
             },
             in_quick=False,
+        ),
+        Scenario(
+            "registry_scale",
+            "registry_scale.md",
+            "Thousands of registered tasks: start-up, memory, open files, first use",
+            {
+                "open descriptors of the serving tree, N tasks ÷ 0 tasks": "≤ 1.1",
+                "ready after start, N tasks, s": "≤ 15",
+                "serving-tree RSS per registered, unused task ÷ its file bytes": "≤ 1.0",
+                "tasks listed under ulimit -n 1024 ÷ registered": "= 1",
+                "sampled tasks answering 200 under ulimit -n 1024 ÷ sampled": "= 1",
+                "first request ÷ second, fresh tasks, 224 px, medians": "≤ 2",
+                "requests answered 200 ÷ sent, host tier over budget, tasks in turn": "= 1",
+            },
+            {
+                "setup": Table(
+                    "The tasks: the demo artifacts copied, each with its own name and head",
+                    ("tasks", "write s", "mean artifact bytes", "read back with artifact.load"),
+                ),
+                "startup": Table(
+                    "The server with N registered tasks, none used yet (serving tree: the "
+                    "server and its engine worker, 1 worker)",
+                    (
+                        "tasks",
+                        "ready s",
+                        "listed",
+                        "failed",
+                        "RSS MB",
+                        "PSS MB",
+                        "open descriptors",
+                        "processes",
+                        "RSS per task ÷ file bytes",
+                    ),
+                ),
+                "phases": Table(
+                    "Where start-up goes: the servers above, and the listing alone in the "
+                    "bench's process",
+                    ("phase", "s", "CPU s"),
+                ),
+                "nofile": Table(
+                    "The most tasks under prlimit --nofile (soft/hard), random tasks sampled",
+                    (
+                        "tasks",
+                        "nofile",
+                        "ready s",
+                        "listed",
+                        "failed",
+                        "descriptors at ready",
+                        "sampled",
+                        "answered 200",
+                        "descriptors after",
+                    ),
+                ),
+                "cold": Table(
+                    "Each fresh task's first /predict (its state built) and second, one JPEG",
+                    (
+                        "tasks",
+                        "input px",
+                        "first ms median",
+                        "first ms max",
+                        "second ms median",
+                        "second ms max",
+                        "first ÷ second (medians)",
+                        "not 200",
+                    ),
+                ),
+                "tiers": Table(
+                    "Task-state tiers from /metrics at the end of each run",
+                    (
+                        "run",
+                        "tier",
+                        "tasks",
+                        "bytes",
+                        "budget bytes",
+                        "hits",
+                        "misses",
+                        "evictions",
+                    ),
+                ),
+                "evict": Table(
+                    "The host tier's budget set to hold ~10 states, the tasks used in turn",
+                    (
+                        "tasks",
+                        "states held (~)",
+                        "budget bytes",
+                        "requests",
+                        "answered 200",
+                        "resident after",
+                        "evictions",
+                        "request ms median",
+                        "request ms max",
+                    ),
+                ),
+            },
         ),
         Scenario(
             "long_training",
