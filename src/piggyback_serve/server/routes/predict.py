@@ -59,7 +59,7 @@ FIELD = "file"  # the multipart field that carries images, one part per image
     response_model=Prediction,
     openapi_extra=_BODY,
     dependencies=[Depends(require_predict)],
-    responses=responses(400, 401, 403, 404, 413, 415, 500, 503, 504),
+    responses=responses(400, 401, 403, 404, 413, 415, 422, 500, 503, 504),
     summary="Classify one or more images with a task",
 )
 async def predict(
