@@ -30,8 +30,10 @@ def _git(*args: str) -> str:
 
 
 def commit() -> dict:
-    """HEAD, and whether the working tree differs from it."""
-    changed = [line for line in _git("status", "--porcelain").splitlines() if line]
+    """HEAD, and whether the working tree differs from it (bench/results aside: a run's
+    own records, written as it goes, do not make the code it measures dirty)."""
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    changed = [line for line in status.splitlines() if line]
     return {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(changed)}
 
 
