@@ -33,12 +33,13 @@ import psutil
 from bench import fixtures, procs
 from bench.stats import Spread, ratios
 from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.masks import demo
 from piggyback_serve.masks.backbones import load_backbone
 from piggyback_serve.server.catalog import Catalog, parse_header
 from piggyback_serve.server.registry.dir import DirRegistry
 
 BACKBONE = "efficientnet_lite0"
-DEMO = Path(artifacts.__file__).parent / "demo_tasks"
+DEMO = demo.BUNDLED_DIR
 FULL = {
     "counts": (0, 1000, 10000),
     "repeats": 2,

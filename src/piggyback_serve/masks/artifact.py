@@ -30,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,6 +106,10 @@ class TaskArtifact:
         self.masks = {
             n: m if isinstance(m, Mask) else Mask(numel=None, bits=m) for n, m in self.masks.items()
         }
+
+    def header(self) -> TaskArtifact:
+        """This artifact's metadata alone, as `read_header` gives it (its tensors dropped)."""
+        return replace(self, **_no_tensors(len(self.labels)))
 
     def switched_off(self, name: str, numel: int) -> torch.Tensor:
         """Sorted row-major positions (int64) of the weights of `name` this task switches off.
@@ -233,7 +237,12 @@ def read_header(data: bytes) -> TaskArtifact:
     shape = entries.get("head.weight", {}).get("shape")
     if not isinstance(shape, list) or len(shape) != 2 or shape[0] != n:
         raise ArtifactError("head.weight", f"shape {shape} does not fit {n} labels")
-    return TaskArtifact(**fields, masks={}, head_weight=torch.empty(n, 0), head_bias=torch.empty(n))
+    return TaskArtifact(**fields, **_no_tensors(n))
+
+
+def _no_tensors(labels: int) -> dict:
+    """A metadata-only artifact's tensor fields: no masks or norms, a head without columns."""
+    return dict(masks={}, bn={}, head_weight=torch.empty(labels, 0), head_bias=torch.empty(labels))
 
 
 def check_backbone(artifact: TaskArtifact, backbone: Backbone) -> None:

@@ -25,8 +25,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone
@@ -150,12 +148,7 @@ class Catalog:
     def _build(self, data: bytes) -> tuple[TaskArtifact, TaskState]:
         """Validate, build the engine state; the artifact kept is its header's part."""
         art = parse(data, self.backbone)
-        state = self.prepare(art)
-        n = len(art.labels)  # the state holds the tensors: keep what read_header keeps
-        header = dataclasses.replace(
-            art, masks={}, bn={}, head_weight=torch.empty(n, 0), head_bias=torch.empty(n)
-        )
-        return header, state
+        return art.header(), self.prepare(art)  # the state holds the tensors
 
     def _remember(self, task: Task, state: TaskState | None = None) -> None:
         if task.name in self.tasks:
