@@ -5,11 +5,9 @@ plus Triton's binary tensor data extension, which tritonclient uses by default: 
 header's length in `Inference-Header-Content-Length`, then each binary tensor's bytes in
 input order (a BYTES element is a 4-byte little-endian length and its bytes).
 
-Inputs: `image` (BYTES, one encoded image per element; base64 strings in JSON) or `pixels`
-(FP32 [batch, 3, S, S], already preprocessed with the task's mean/std). Outputs: `labels`
-(BYTES [batch, k], highest score first) and `scores` (FP32 [batch, k]); k is the request
-parameter `top_k` (default 5, clamped to the label count). Inference goes through the same
-preprocessing and batcher as POST /predict. Errors answer `{"error": "message"}`, as the
+Inputs and outputs are oip_infer.py's (BYTES images are base64 strings in JSON); this file
+reads the HTTP request into its `Tensor` and writes the answer, and oip_infer.infer does the
+rest, as it does for gRPC (oip_grpc/). Errors answer `{"error": "message"}`, as the
 protocol says, with the native API's status codes; so do unknown /v2 routes (404, or 405 on
 a known path). POST /v2/repository/index is the repository extension's index (every task
 READY); its load/unload are not offered (tasks come and go with PUT/DELETE /tasks).
@@ -20,15 +18,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
-import struct
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -37,19 +31,15 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from piggyback_serve.server import oip_infer
 from piggyback_serve.server.auth import require_predict
 from piggyback_serve.server.body import read_limited
-from piggyback_serve.server.catalog import Task
 from piggyback_serve.server.errors import BadRequest, PayloadTooLarge, ServeError
-from piggyback_serve.server.preprocess import prepare_async
+from piggyback_serve.server.oip_infer import OUTPUTS, SERVER_NAME, SERVER_VERSION, Answer, Tensor
 from piggyback_serve.server.settings import Settings
 from piggyback_serve.server.state import ServicesDep
 
-SERVER_NAME, SERVER_VERSION = "piggyback-serve", "0.1.0"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-INPUTS = {"image": "BYTES", "pixels": "FP32"}
-OUTPUTS = {"labels": "BYTES", "scores": "FP32"}
-DEFAULT_TOP_K = 5
 
 
 def oip_error(request: Request, status: int, code: str, message: str, headers=None) -> Response:
@@ -132,27 +122,7 @@ async def models(svc: ServicesDep) -> dict:
 
 @router.get("/models/{name}", summary="Model metadata: inputs, outputs, labels")
 async def model_metadata(name: str, request: Request, svc: ServicesDep) -> dict:
-    task = svc.find_task(request, name)
-    art, size = task.artifact, task.artifact.input_size
-    return {
-        "name": task.name,
-        "versions": [task.version],
-        "platform": f"piggyback/{art.backbone}",
-        "inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [-1]},
-            {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, size, size]},
-        ],
-        "outputs": [
-            {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
-            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
-        ],
-        "parameters": {
-            "labels": art.labels,
-            "input_size": size,
-            "mean": list(art.mean),
-            "std": list(art.std),
-        },
-    }
+    return oip_infer.model_metadata(svc.find_task(request, name))
 
 
 @router.get("/models/{name}/ready", summary="Model ready: 200 when the task is served")
@@ -169,22 +139,11 @@ async def model_ready(name: str, request: Request, svc: ServicesDep) -> dict:
 async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
     started = time.perf_counter()
     task = svc.find_task(request, name)
-    settings = svc.settings
-    header, binary = await _read(request, settings)
+    header, binary = await _read(request, svc.settings)
     tensor = _one_input(header, binary)
-    if tensor["name"] == "image":
-        blobs = _bytes_elements(tensor)
-        _check_batch(len(blobs), settings)
-        images = await prepare_async(blobs, task.artifact, settings.max_pixels)
-    else:
-        images = _pixels(tensor, task, settings)
-    task, probs = await svc.classify(task, images, started)
-    svc.metrics.images.labels(task.name).inc(len(images))
-    k = min(_top_k(header), len(task.artifact.labels))
-    scores, indices = torch.stack(probs).float().topk(k, dim=1)
-    labels = [[task.artifact.labels[i] for i in row] for row in indices.tolist()]
-    latency_ms = round(1000 * (time.perf_counter() - started), 3)
-    return _response(header, task, labels, scores.numpy(), latency_ms)
+    top_k = _params(header, "request").get("top_k")
+    answer = await oip_infer.infer(svc, task, tensor, top_k, started)
+    return _response(header, answer)
 
 
 @router.post(
@@ -268,12 +227,12 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return data
 
 
-def _one_input(header: dict, binary: bytes) -> dict:
+def _one_input(header: dict, binary: bytes) -> Tensor:
     """The request's single input, its data attached (JSON list or raw bytes)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("`inputs` must be a non-empty list")
-    offset = 0
+    offset, raws = 0, []
     for tensor in inputs:
         if not isinstance(tensor, dict):
             raise BadRequest("each input must be an object")
@@ -282,23 +241,22 @@ def _one_input(header: dict, binary: bytes) -> dict:
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input {tensor.get('name')!r}: bad binary_data_size {size!r}")
-            tensor["raw"] = binary[offset : offset + size]
+            raws.append(binary[offset : offset + size])
             offset += size
         elif "data" not in tensor:
             raise BadRequest(f"input {tensor.get('name')!r} has neither data nor binary data")
+        else:
+            raws.append(None)
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     if len(inputs) != 1:
         raise BadRequest(f"send exactly one input, `image` or `pixels`; got {len(inputs)}")
-    tensor = inputs[0]
-    name, datatype = tensor.get("name"), tensor.get("datatype")
-    if name not in INPUTS:
-        raise BadRequest(f"unknown input {name!r}; this model takes `image` (BYTES) or `pixels`")
-    if datatype != INPUTS[name]:
-        raise BadRequest(f"input {name!r} must be {INPUTS[name]}, not {datatype!r}")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+    first = inputs[0]
+    tensor = Tensor(first.get("name"), first.get("datatype"), first.get("shape"), raws[0])
+    oip_infer.check_input(tensor)
+    if tensor.raw is None:
+        data = _flatten(first["data"])
+        tensor.elements = _base64_images(data) if tensor.name == "image" else data
     return tensor
 
 
@@ -309,62 +267,17 @@ def _params(obj: dict, what: str) -> dict:
     return params
 
 
-def _bytes_elements(tensor: dict) -> list[bytes]:
-    """The encoded images: length-prefixed raw bytes, or base64 strings in JSON."""
-    count = math.prod(tensor["shape"])
-    if "raw" in tensor:
-        raw, elements, at = tensor["raw"], [], 0
-        while at < len(raw):
-            if at + 4 > len(raw):
-                raise BadRequest("input 'image': truncated BYTES element length")
-            (n,) = struct.unpack_from("<I", raw, at)
-            if at + 4 + n > len(raw):
-                raise BadRequest("input 'image': BYTES element longer than the binary data")
-            elements.append(raw[at + 4 : at + 4 + n])
-            at += 4 + n
-    else:
-        elements = []
-        for i, item in enumerate(_flatten(tensor["data"])):
-            if not isinstance(item, str):
-                raise BadRequest(f"input 'image' element {i}: expected a base64 string")
-            try:
-                elements.append(base64.b64decode(item, validate=True))
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"input 'image' element {i} is not valid base64") from None
-    if len(elements) != count:
-        raise BadRequest(f"input 'image' has {len(elements)} elements; its shape says {count}")
+def _base64_images(data: list) -> list[bytes]:
+    """In JSON a BYTES element is a string: the images travel base64-encoded."""
+    elements = []
+    for i, item in enumerate(data):
+        if not isinstance(item, str):
+            raise BadRequest(f"input 'image' element {i}: expected a base64 string")
+        try:
+            elements.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"input 'image' element {i} is not valid base64") from None
     return elements
-
-
-def _pixels(tensor: dict, task: Task, settings: Settings) -> list[torch.Tensor]:
-    size = task.artifact.input_size
-    shape = tensor["shape"]
-    if len(shape) != 4 or shape[1:] != [3, size, size]:
-        raise BadRequest(f"input 'pixels' must have shape [batch, 3, {size}, {size}], not {shape}")
-    _check_batch(shape[0], settings)
-    try:
-        if "raw" in tensor:
-            array = np.frombuffer(tensor["raw"], dtype="<f4")
-        else:
-            array = np.asarray(tensor["data"], dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"input 'pixels' is not a list of numbers: {exc}") from None
-    if array.size != math.prod(shape):
-        raise BadRequest(f"input 'pixels' has {array.size} values; shape {shape} needs more")
-    if not np.isfinite(array).all():
-        raise BadRequest("input 'pixels' holds NaN or infinite values")
-    batch = torch.from_numpy(array.astype(np.float32).reshape(shape))
-    return list(batch)
-
-
-def _check_batch(n: int, settings: Settings) -> None:
-    if n < 1:
-        raise BadRequest("the input holds no image")
-    if n > settings.max_images:
-        raise PayloadTooLarge(
-            f"{n} images in one request; the server's limit is {settings.max_images} "
-            "(PIGGY_MAX_IMAGES)"
-        )
 
 
 def _flatten(data: Any) -> list:
@@ -373,19 +286,10 @@ def _flatten(data: Any) -> list:
     return [x for item in data for x in _flatten(item)]
 
 
-def _top_k(header: dict) -> int:
-    k = _params(header, "request").get("top_k", DEFAULT_TOP_K)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise BadRequest(f"parameter top_k must be an integer of at least 1, not {k!r}")
-    return k
-
-
 # --- writing the response --------------------------------------------------------------
 
 
-def _response(
-    header: dict, task: Task, labels: list[list[str]], scores: np.ndarray, latency_ms: float
-) -> Response:
+def _response(header: dict, answer: Answer) -> Response:
     all_binary = bool(_params(header, "request").get("binary_data_output", False))
     requested = header.get("outputs")
     if requested is None:
@@ -396,31 +300,25 @@ def _response(
         ]
     else:
         raise BadRequest("`outputs` must be a list of objects")
-    shape = [len(labels), len(labels[0]) if labels else 0]
     outputs, chunks = [], []
     for name, binary in wanted:
         if name not in OUTPUTS:
             raise BadRequest(f"unknown output {name!r}; this model has `labels` and `scores`")
-        out: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
+        out: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": answer.shape}
         if binary:
-            if name == "labels":
-                raw = b"".join(
-                    struct.pack("<I", len(b)) + b
-                    for row in labels
-                    for b in (label.encode() for label in row)
-                )
-            else:
-                raw = scores.astype("<f4").tobytes()
+            raw = answer.labels_raw() if name == "labels" else answer.scores_raw()
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif name == "labels":
+            out["data"] = [label for row in answer.labels for label in row]
         else:
-            flat = [label for row in labels for label in row]
-            out["data"] = flat if name == "labels" else scores.reshape(-1).tolist()
+            out["data"] = answer.scores.reshape(-1).tolist()
         outputs.append(out)
+    task = answer.task
     body: dict[str, Any] = {"model_name": task.name, "model_version": task.version}
     if "id" in header:
         body["id"] = header["id"]
-    body["parameters"] = {"latency_ms": latency_ms}
+    body["parameters"] = {"latency_ms": answer.latency_ms}
     body["outputs"] = outputs
     text = json.dumps(body).encode()
     if not chunks:
