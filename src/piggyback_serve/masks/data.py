@@ -1,7 +1,8 @@
 """Training data: a user's ImageFolder, or demo data sets that ship inside packages.
 
-Every image goes through `to_tensor`, the one preprocessing function shared with the
-server, so that a task sees at serving time exactly what it saw in training.
+Every image goes through `decode.open_image` (files) and `to_tensor`, the decode and the
+preprocessing shared with the server, so that a task sees at serving time exactly what it
+saw in training.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from piggyback_serve.masks.decode import open_image
+from piggyback_serve.masks.decode import upright as upright  # still importable from here
 from piggyback_serve.masks.errors import MasksError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -58,20 +61,6 @@ def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def upright(image: Image.Image) -> Image.Image:
-    """As a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bits
-    (Pillow's own convert("RGB") would clip every value above 255 to white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 0..65535 onto 0..255
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L")
-    return image
-
-
 @dataclass
 class Split:
     """Images (uint8 arrays or PIL images, or file paths) with integer labels."""
@@ -98,18 +87,17 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.split.targets)
 
     def __getitem__(self, i: int):
-        return to_tensor(as_image(self.split.images[i]), self.size, self.mean, self.std), int(
-            self.split.targets[i]
-        )
+        image = as_image(self.split.images[i], self.size)
+        return to_tensor(image, self.size, self.mean, self.std), int(self.split.targets[i])
 
 
-def as_image(item) -> Image.Image:
+def as_image(item, size: int | None = None) -> Image.Image:
+    """An image of a split; a file decoded as the server decodes an upload (upright, and a
+    JPEG of at least 2 x `size` at the DCT scale that still covers `size`)."""
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, str | Path):
-        with Image.open(item) as img:
-            img.load()
-            return upright(img)  # as the server decodes an upload
+        return open_image(item, size)
     return Image.fromarray(np.asarray(item, dtype=np.uint8))
 
 

@@ -1,5 +1,7 @@
 """Bytes to pixels off the event loop, at the task's own input size. The pixels stay uint8:
-the engine worker normalises them with the task's mean and std, per batch."""
+the engine worker normalises them with the task's mean and std, per batch. The decode is
+masks' own (`masks/decode.py`, as training decodes its files): a large JPEG decodes at the
+DCT scale that still covers the task's size."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from piggyback_serve.masks.artifact import TaskArtifact
-from piggyback_serve.masks.data import to_pixels, upright
+from piggyback_serve.masks.data import to_pixels
+from piggyback_serve.masks.decode import TooManyPixels, open_image
 from piggyback_serve.server.errors import NotAnImage, PayloadTooLarge
 from piggyback_serve.server.sniff import describe
 
@@ -25,19 +28,23 @@ INLINE_PIXELS = 128 * 128
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """A decoded image, or 415 (not an image) / 413 (too many pixels, decompression bomb)."""
+    return _decode(data, max_pixels, None)
+
+
+def _decode(data: bytes, max_pixels: int, size: int | None) -> Image.Image:
+    """`decode` through masks' own `open_image`, as training decodes its files: with `size`,
+    a JPEG of at least 2 x `size` decodes at the DCT scale that still covers it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            # Checked from the header, before a single pixel is decoded.
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"image has {width * height:,} pixels ({width}x{height}), over the limit "
-                    f"of {max_pixels:,} ({PIXELS_SETTING})"
-                )
-            image.load()
-            image = upright(image)
+            # The pixel limit is checked from the header, before a single pixel is decoded.
+            return open_image(io.BytesIO(data), size, formats=FORMATS, max_pixels=max_pixels)
+    except TooManyPixels as exc:
+        pixels = exc.width * exc.height
+        raise PayloadTooLarge(
+            f"image has {pixels:,} pixels ({exc.width}x{exc.height}), over the limit "
+            f"of {max_pixels:,} ({PIXELS_SETTING})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb(str(exc), max_pixels) from None
     except UnidentifiedImageError:
@@ -47,7 +54,6 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
         raise NotAnImage(f"image could not be decoded: {exc}") from None
-    return image
 
 
 PIXELS_SETTING = "PIGGY_MAX_PIXELS"
@@ -85,7 +91,7 @@ def prepare(
     tensors = []
     for i, blob in enumerate(blobs):
         try:
-            image = decode(blob, max_pixels)
+            image = _decode(blob, max_pixels, artifact.input_size)
         except (NotAnImage, PayloadTooLarge) as exc:
             if names is None:
                 raise
