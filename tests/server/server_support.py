@@ -107,6 +107,7 @@ def settings_for(home: Path, registry: Path, **overrides) -> Settings:
         device="cpu",
         max_delay_ms=2,
         registry_rescan_s=0.2,
+        grpc_port=0,  # no gRPC unless a test asks: test servers would all want 8001
     )
     values.update(overrides)
     return Settings(**values)

@@ -44,7 +44,8 @@ def piggy_serve(tmp_path: Path, *args: str, open_files: int | None = None, **env
     argv += [*command(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
-    environ.update(PIGGY_HOME=str(tmp_path / "home"), **env)
+    # No gRPC unless a test asks for it (PIGGY_GRPC_PORT=...): every server would want 8001.
+    environ.update(PIGGY_HOME=str(tmp_path / "home"), PIGGY_GRPC_PORT="0", **env)
     proc = subprocess.Popen(
         [*argv, *args],
         env=environ,

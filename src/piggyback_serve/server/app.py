@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from piggyback_serve.masks.backbones import Backbone
-from piggyback_serve.server import auth, errors, open_files
+from piggyback_serve.server import auth, errors, oip_grpc, open_files
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
@@ -37,12 +37,14 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     async def lifespan(app: FastAPI):
         svc = _services(settings, backbone)
         app.state.services = svc
+        grpc_server = await oip_grpc.start(svc, settings)  # None when PIGGY_GRPC_PORT=0
         svc.batcher.start()
         # The backbone loads in the background so /healthz and /readyz answer meanwhile.
         svc.background.append(asyncio.create_task(_start(svc), name="piggy-startup"))
         try:
             yield
         finally:
+            await oip_grpc.stop(grpc_server)
             for task in svc.background:
                 task.cancel()
             await asyncio.gather(*svc.background, return_exceptions=True)

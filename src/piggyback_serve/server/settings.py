@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # The Open Inference Protocol over gRPC (server/oip_grpc) on `host` and this port; 0: off.
+    grpc_port: int = Field(8001, ge=0, le=65535)
 
     @field_validator("engine_workers", mode="before")
     @classmethod
