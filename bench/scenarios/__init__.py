@@ -51,6 +51,7 @@ PAGES = {
     "docker.md": "Docker image and Compose stack",
     "ray_routing.md": "Routing by task on Ray",
     "registry_scale.md": "The server against the size of its registry",
+    "oip_grpc.md": "The Open Inference Protocol over gRPC against REST",
 }
 
 _LATENCY = ("p50 ms", "p99 ms")
@@ -598,6 +599,19 @@ SCENARIOS: dict[str, Scenario] = {
             },
             in_full_run=False,
             recorded_by="python -m bench.ray_routing --repeats 3 --window-s 8",
+        ),
+        Scenario(
+            "oip_grpc",
+            "oip_grpc.md",
+            "The Open Inference Protocol over gRPC against REST /predict",
+            {"gRPC ÷ REST, images per server CPU-second, 64 px": "≥ 1.0"},
+            {
+                "sides": Table(
+                    "One server, the two transports in alternating windows; images per "
+                    "second and per server CPU-second (median [min–max] over windows)",
+                    ("side", "images", "images/s", "images/server CPU-s", "p50 ms", "p99 ms"),
+                )
+            },
         ),
     )
 }
