@@ -64,6 +64,7 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PIGGY_PORT', '8000'), timeout=2)"]
-# Alone (`docker run -p 8000:8000 IMAGE`): the offline demo, its tasks in /data.
+# Alone (`docker run -p 8000:8000 IMAGE`): the offline demo, its tasks in /data. The Open
+# Inference Protocol over gRPC listens on PIGGY_GRPC_PORT (8001): add `-p 8001:8001`.
 # docker-compose.yml runs `piggy-serve` against Redis instead.
 CMD ["piggy-serve", "--demo"]
