@@ -117,6 +117,7 @@ def start_ours(
         "PIGGY_MAX_BATCH_SIZE": str(batch),
         "PIGGY_QUEUE_SIZE": "1024",
         "PIGGY_REGISTRY_RESCAN_S": "30",  # nothing changes the folder during a run
+        "PIGGY_GRPC_PORT": "0",  # no gRPC unless a scenario asks (oip_grpc)
         **(extra_env or {}),
     }
     if weights is not None:

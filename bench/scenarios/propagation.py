@@ -69,6 +69,7 @@ def measure(ctx) -> dict:
             port = free_port()
             (tmp / name).mkdir()
             own = dict(env, PIGGY_HOST="127.0.0.1", PIGGY_PORT=str(port), PIGGY_REGISTRY=redis.url)
+            own["PIGGY_GRPC_PORT"] = "0"  # compose's 8001 is per container; here one host
             own["PIGGY_HOME"] = str(tmp / name / "home")
             clients.append(stack.enter_context(start_replica(tmp / name / "log", argv, own, port)))
         a, b = clients

@@ -246,3 +246,19 @@ def test_grpc_port_setting(monkeypatch):
     monkeypatch.setenv("PIGGY_GRPC_PORT", "70000")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_the_compiled_descriptor_is_the_proto():
+    """oip_grpc/_descriptor.py is grpc_predict_v2.proto as it stands (generate.py rewrites it)."""
+    pytest.importorskip("grpc_tools")
+    import base64
+
+    from google.protobuf import descriptor_pb2
+
+    from piggyback_serve.server.oip_grpc import generate
+    from piggyback_serve.server.oip_grpc._descriptor import SERIALIZED
+
+    def parse(data: bytes):
+        return descriptor_pb2.FileDescriptorProto.FromString(data)
+
+    assert parse(base64.b64decode(SERIALIZED)) == parse(generate.compiled())

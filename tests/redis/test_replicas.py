@@ -59,6 +59,7 @@ def _replica(folder: Path, argv, env, redis: RedisServer):
     port = free_port()
     folder.mkdir()
     own = dict(env, PIGGY_HOST="127.0.0.1", PIGGY_PORT=str(port), PIGGY_REGISTRY=redis.url)
+    own["PIGGY_GRPC_PORT"] = "0"  # compose's 8001 is per container; here one host
     own["PIGGY_HOME"] = str(folder / "home")
     return start_replica(folder / "server.log", argv, own, port)
 
