@@ -50,6 +50,7 @@ PAGES = {
     "GPU.md": "The engine on a CUDA device",
     "docker.md": "Docker image and Compose stack",
     "ray_routing.md": "Routing by task on Ray",
+    "decode.md": "Decoding images where it is cheapest",
     "registry_scale.md": "The server against the size of its registry",
     "oip_grpc.md": "The Open Inference Protocol over gRPC against REST",
 }
@@ -533,6 +534,35 @@ SCENARIOS: dict[str, Scenario] = {
                         "request ms max",
                     ),
                 ),
+            },
+        ),
+        Scenario(
+            "decode",
+            "decode.md",
+            "The front end's decode + resize per image, before and after DCT-scaled JPEGs",
+            {
+                "CPU ms per image, 224 px task, JPEG photos 451x300-640x427 (decode + resize)": (
+                    "≤ 2.5"
+                ),
+                "CPU ms per image, 224 px task, 4032x3024 phone JPEG (decode + resize)": "≤ 25",
+            },
+            {
+                "cpu": Table(
+                    "CPU ms per image, one thread, sides interleaved (before: the whole JPEG "
+                    "decoded; after: preprocess.prepare, DCT-scaled where it is at least 2x the "
+                    "size); pixels after vs before, worst image, of 255; on a CUDA device, "
+                    "decode_jpegs_on_device in batches of 32, wall ms per image",
+                    (
+                        "input",
+                        "sizes",
+                        "before ms",
+                        "after ms",
+                        "before ÷ after",
+                        "mean |diff|",
+                        "max |diff|",
+                        "device ms",
+                    ),
+                )
             },
         ),
         Scenario(
