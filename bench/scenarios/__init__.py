@@ -558,11 +558,16 @@ SCENARIOS: dict[str, Scenario] = {
                         "before ms",
                         "after ms",
                         "before ÷ after",
-                        "mean |diff|",
-                        "max |diff|",
+                        "mean abs diff",
+                        "max abs diff",
                         "device ms",
                     ),
-                )
+                ),
+                "http": Table(
+                    "Over HTTP, after only: the server process's own CPU ms per image "
+                    "answered (HTTP, decode, batching; engine workers excluded), 4 clients",
+                    ("input", "server process CPU ms per image", "images", "errors"),
+                ),
             },
         ),
         Scenario(

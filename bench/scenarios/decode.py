@@ -10,6 +10,10 @@ quality 90: only the 512x512 one is at least twice 224 on its shorter side) and 
 CPU time of this process through torch.utils.benchmark.Timer (bench/timing.py), one thread
 (Pillow's JPEG decode and resize use one). On a CUDA device the same photos also go through
 `decode_jpegs_on_device` in batches (wall ms per image, synchronised).
+
+Over HTTP (after only: the server runs today's code), the same JPEGs POSTed to a server
+with one 224 px task (resnet18, random weights), 4 clients, closed loop: the CPU seconds
+of the server's own process (HTTP, decode, batching; its engine workers excluded) per image.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from bench import fixtures, timing
+from bench import fixtures, loadgen, procs, timing
 from bench.stats import Spread, ratios
 from piggyback_serve.masks.data import to_pixels, upright
 from piggyback_serve.server import preprocess
@@ -76,7 +80,40 @@ def measure(ctx) -> dict:
     }
     if ctx.device.startswith("cuda"):
         out["device"] = on_device(blobs, ctx.device, seconds)
+    out["http"] = over_http(ctx, blobs, repeats, 2.0 if quick else 6.0)
     return out
+
+
+def over_http(ctx, blobs: dict[str, list[bytes]], repeats: int, seconds: float) -> dict:
+    """The server process's own CPU ms per image answered, per input, repeats interleaved."""
+    from piggyback_serve.masks.backbones import load_backbone
+
+    registry = ctx.workdir / "decode-registry"
+    (name,) = fixtures.write_registry(registry, load_backbone("resnet18", "random"), 1, SIZE)
+    proc = procs.start_ours(
+        ctx.workdir, registry, "resnet18", "random", 8, tag="decode",
+        extra_env={"PIGGY_DEVICE": ctx.device},
+    )  # fmt: skip
+    found: dict = {case: [] for case in blobs}
+    try:
+        proc.wait_ready("/readyz", 600)
+        for _ in range(repeats):
+            for case, bs in blobs.items():
+                reqs = [loadgen.Request.post(f"/predict?task={name}", b, "image/jpeg") for b in bs]
+                choose = lambda rng, reqs=reqs: rng.choice(reqs)  # noqa: E731
+                loadgen.run(proc.port, choose, 4, 200, seconds / 4)  # warm
+                cpu = proc.cpu_s()
+                result = loadgen.run(proc.port, choose, 4, 100_000, seconds).check()
+                found[case].append(
+                    {
+                        "ms": 1e3 * (proc.cpu_s() - cpu) / max(result.images, 1),
+                        "images": result.images,
+                        "errors": sum(result.errors.values()),
+                    }
+                )
+    finally:
+        proc.stop()
+    return found
 
 
 def agreement(blobs: dict[str, list[bytes]]) -> dict:
@@ -125,4 +162,13 @@ def summarize(raw: dict) -> dict:
                 (raw.get("device") or {}).get(case),
             ]
         )
-    return {"figures": figures, "tables": {"cpu": rows}}
+    http = [
+        [
+            case,
+            Spread.of([r["ms"] for r in runs]),
+            sum(r["images"] for r in runs),
+            sum(r["errors"] for r in runs),
+        ]
+        for case, runs in (raw.get("http") or {}).items()
+    ]
+    return {"figures": figures, "tables": {"cpu": rows, "http": http}}
