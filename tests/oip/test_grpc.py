@@ -20,7 +20,7 @@ from PIL import Image
 from piggyback_serve.masks.data import to_tensor
 from piggyback_serve.server import oip_grpc
 from piggyback_serve.server.app import create_app
-from piggyback_serve.server.errors import NotReady
+from piggyback_serve.server.errors import NotReady, Overloaded
 from piggyback_serve.server.metrics import Metrics
 from tests.client.live_server import TOKEN, png, running
 from tests.server.server_support import settings_for
@@ -262,3 +262,25 @@ def test_the_compiled_descriptor_is_the_proto():
         return descriptor_pb2.FileDescriptorProto.FromString(data)
 
     assert parse(base64.b64decode(SERIALIZED)) == parse(generate.compiled())
+
+
+def test_retry_after_travels_as_trailing_metadata():
+    async def main():
+        settings = settings_for("/nowhere", "/nowhere", grpc_port=free_port())
+        server = await oip_grpc.start(_Overloaded(), settings)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+                call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert ("retry-after", "3") in tuple(info.value.trailing_metadata())
+        finally:
+            await oip_grpc.stop(server)
+
+    asyncio.run(main())
+
+
+class _Overloaded(_NotLoaded):
+    def require_catalog(self):
+        raise Overloaded("queue full", retry_after_s=3)

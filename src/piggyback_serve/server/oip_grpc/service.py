@@ -6,6 +6,7 @@ Triton's service beyond these answer UNIMPLEMENTED (grpc does that for unknown m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -156,8 +157,13 @@ class InferenceService:
             started, status, code, call = time.perf_counter(), 200, None, Call()
             try:
                 return await method(request, context, call)
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                status, code = 499, "cancelled"
+                raise
             except ServeError as exc:
                 status, code, message = exc.status, exc.code, exc.message
+                if retry_after := exc.headers.get("Retry-After"):
+                    context.set_trailing_metadata((("retry-after", retry_after),))
             except ArtifactError as exc:
                 status, code, message = 422, "invalid_artifact", str(exc)
             except Exception:
