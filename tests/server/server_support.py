@@ -162,12 +162,12 @@ class Blocked:
 
     def __init__(self, pool):
         self.pool = pool
-        self.claimed = [pool.claim(None) for _ in range(pool.alive)]
+        self.claimed = [pool._claim(None) for _ in range(pool.alive)]
         assert all(self.claimed), "a worker was busy already"
 
     def set(self) -> None:
         for handle in self.claimed:
-            self.pool.release(handle)
+            self.pool._release(handle, handle.pending[0])
 
 
 def blocked_engine(client) -> Blocked:

@@ -43,8 +43,11 @@ async def test_concurrent_clients_several_tasks_no_mixups(
 async def test_mixed_batches_over_http_and_task_state_in_metrics(
     tmp_path, registry_dir, backbone, reference
 ):
-    """Eight clients over four tasks: batches mix tasks, every answer is its own task's."""
-    settings = settings_for(tmp_path, registry_dir, max_batch_size=8, max_delay_ms=50)
+    """Eight clients over four tasks: batches mix tasks, every answer is its own task's.
+    One worker: with two, the idle one takes each image at once while the other is busy."""
+    settings = settings_for(
+        tmp_path, registry_dir, max_batch_size=8, max_delay_ms=50, engine_workers=1
+    )
     jobs = [(TASKS[i % len(TASKS)], png(300 + i)) for i in range(16)]
     async with serving(settings, backbone) as client:
         posts = [client.post(f"/predict?task={task}", content=image) for task, image in jobs]

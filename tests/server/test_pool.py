@@ -90,15 +90,15 @@ async def test_a_killed_worker_fails_only_its_batch_and_is_replaced(
         pool = client.app.state.services.engine
         # Only worker 0 free, and stopped: the first request's batch waits on it.
         doomed = pool.workers()[0].pid
-        held = pool.claim(None)  # worker 0 when both are idle: claim the other one
+        held = pool._claim(None)  # worker 0 when both are idle: hold the other one
         if held.config.index == 0:
-            other = pool.claim(None)
-            pool.release(held)
+            other = pool._claim(None)
+            pool._release(held, held.pending[0])
             held = other
         os.kill(doomed, signal.SIGSTOP)
         lost = asyncio.create_task(post(client, "alpha", png(1)))
         await until(lambda: pool.workers()[0].busy)
-        pool.release(held)  # worker 1 serves the rest meanwhile
+        pool._release(held, held.pending[0])  # worker 1 serves the rest meanwhile
         images = [png(10 + i) for i in range(6)]
         answers = await asyncio.gather(*(post(client, "beta", img) for img in images))
         for image, answer in zip(images, answers, strict=True):

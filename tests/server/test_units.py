@@ -44,40 +44,40 @@ async def test_dir_registry_atomic_put_list_delete(tmp_path):
 
 class FakeEngine:
     """An engine pool of `workers` that record each batch as its rows' task names and
-    answer each image with its own pixels."""
+    answer each image with its own pixels (`submit`, as EnginePool's)."""
 
     def __init__(self, seconds: float = 0.01, workers: int = 1):
         self.seconds = seconds
+        self.workers = workers
         self.free = workers
         self.batches: list[list[str]] = []
         self.in_flight = self.most_in_flight = 0
-        self.on_idle = lambda: None
+        self.on_change = lambda: None
 
     @property
-    def has_idle(self) -> bool:
-        return self.free > 0
+    def idle_workers(self) -> int:
+        return self.free
 
-    def claim(self, lead):
-        assert self.free > 0, "the batcher claimed a worker while none was idle"
+    @property
+    def busy_workers(self) -> int:
+        return self.workers - self.free
+
+    def submit(self, rows, pixels):
+        assert self.free > 0, "the batcher submitted a batch while no worker was idle"
         self.free -= 1
-        return lead
+        return asyncio.ensure_future(self._run(rows, pixels))
 
-    async def run(self, worker, rows, batch):
+    async def _run(self, rows, pixels):
         self.batches.append([row.key[0] for row in rows])
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.seconds)
-            return list(batch.reshape(len(batch), -1)[:, :2])
+            return [x.reshape(-1)[:2] for x in pixels]
         finally:
             self.in_flight -= 1
             self.free += 1
-            self.on_idle()
-
-    async def predict(self, rows, batch):
-        while not self.has_idle:
-            await asyncio.sleep(0.001)
-        return await self.run(self.claim(rows[0].key), rows, batch)
+            self.on_change()
 
 
 def task(name: str, version: str = "1", input_size: int = 32) -> Task:

@@ -12,9 +12,11 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.server import auth, errors, oip_grpc, open_files
+from piggyback_serve.server.arena import Arena
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
+from piggyback_serve.server.engine_client import EngineClient
 from piggyback_serve.server.metrics import Metrics, RequestMetrics
 from piggyback_serve.server.registry import REMOTE_SCHEMES, open_registry
 from piggyback_serve.server.replica import ReplicaHeader
@@ -29,30 +31,30 @@ binary mask over the backbone's weights plus a small head (Piggyback).
 Errors answer `{"error": {"code": "...", "message": "..."}}`."""
 
 
-def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
-    """A new app; `backbone` lets a caller that already loaded one (the CLI, tests) share it."""
+def create_app(
+    settings: Settings | None = None,
+    backbone: Backbone | None = None,
+    engine_address: str | None = None,
+) -> FastAPI:
+    """A new app; `backbone` lets a caller that already loaded one (the CLI, tests) share it.
+    With `engine_address` the app is a front end of the engine service listening there
+    (server/service_socket.py) and runs no engine of its own."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = _services(settings, backbone)
+        svc = services_for(settings, backbone, engine_address)
         app.state.services = svc
         grpc_server = await oip_grpc.start(svc, settings)  # None when PIGGY_GRPC_PORT=0
-        svc.batcher.start()
+        if svc.remote is None:
+            svc.batcher.start()
         # The backbone loads in the background so /healthz and /readyz answer meanwhile.
-        svc.background.append(asyncio.create_task(_start(svc), name="piggy-startup"))
+        svc.background.append(asyncio.create_task(start(svc), name="piggy-startup"))
         try:
             yield
         finally:
             await oip_grpc.stop(grpc_server)
-            for task in svc.background:
-                task.cancel()
-            await asyncio.gather(*svc.background, return_exceptions=True)
-            if svc.catalog is not None:
-                await svc.catalog.close()
-            await svc.batcher.close()
-            await svc.engine.close()
-            await svc.registry.close()
+            await close(svc)
 
     app = FastAPI(
         title="piggyback-serve",
@@ -80,26 +82,47 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     return app
 
 
-def _services(settings: Settings, backbone: Backbone | None) -> Services:
+def services_for(
+    settings: Settings, backbone: Backbone | None, engine_address: str | None = None
+) -> Services:
+    """The app's parts, not started: the engine in this process, or the engine service's
+    client at `engine_address`."""
     metrics = Metrics()
-    engine = EnginePool(settings, backbone)
-    batcher = Batcher(
-        engine, metrics, settings.max_batch_size, settings.max_delay_ms / 1000, settings.queue_size
-    )
-    svc = Services(
-        settings=settings,
-        metrics=metrics,
-        engine=engine,
-        registry=open_registry(
-            settings.registry_url, settings.redis_prefix, settings.redis_timeout_s
-        ),
-        batcher=batcher,
-    )
+    registry = open_registry(settings.registry_url, settings.redis_prefix, settings.redis_timeout_s)
+    if engine_address is not None:
+        remote = EngineClient(engine_address)
+        svc = Services(settings, metrics, remote, registry, remote, remote=remote)
+    else:
+        engine = EnginePool(settings, backbone)
+        batcher = Batcher(
+            engine,
+            metrics,
+            settings.max_batch_size,
+            settings.max_delay_ms / 1000,
+            settings.queue_size,
+        )
+        svc = Services(settings, metrics, engine, registry, batcher, arena=Arena())
     metrics.watch(svc.snapshot)
     return svc
 
 
-async def _start(svc: Services) -> None:
+async def close(svc: Services) -> None:
+    """Stop what `start` started, last started first."""
+    for task in svc.background:
+        task.cancel()
+    await asyncio.gather(*svc.background, return_exceptions=True)
+    if svc.catalog is not None:
+        await svc.catalog.close()
+    if svc.remote is None:
+        await svc.batcher.close()
+    await svc.engine.close()
+    await svc.registry.close()
+    if svc.arena is not None:
+        svc.arena.close()
+
+
+async def start(svc: Services) -> None:
+    """Load the backbone and the workers (or reach the engine service), then the catalog."""
     auth.warn_if_admin_open(svc.settings)
     open_files.raise_soft_limit()
     try:
@@ -115,14 +138,17 @@ async def _start(svc: Services) -> None:
     catalog = Catalog(
         svc.registry,
         loaded,
-        svc.engine.prepare,
+        None if svc.remote else svc.engine.prepare,
         on_change=svc.engine.forget,
         rescan_s=svc.settings.registry_rescan_s,
         host_budget=host_state_budget(svc.settings),
         loads=svc.settings.task_loads,
+        remote=svc.remote,
     )
     await catalog.refresh()
     svc.catalog = catalog
+    if svc.remote is not None:
+        svc.remote.on_tasks_changed = lambda names: catalog.rescan_soon(now=True)
     log.info(
         "ready: backbone %s, %d engine workers on %s, %d tasks from %s (%d invalid), "
         "task states kept up to %d MB in host memory",

@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import TaskArtifact
@@ -33,6 +34,7 @@ from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
 from piggyback_serve.server.open_files import explain
+from piggyback_serve.server.protocol import BackboneInfo
 from piggyback_serve.server.registry import Entry, Registry, RegistryError
 
 log = logging.getLogger("piggy.serve")
@@ -74,20 +76,32 @@ def parse_header(data: bytes, backbone: Backbone) -> TaskArtifact:
 Prepare = Callable[[TaskArtifact], TaskState]
 
 
+class EngineService(Protocol):
+    """What a front end's catalog asks of the engine service (server/engine_client.py)."""
+
+    async def store(self, name: str, data: bytes) -> Task: ...
+
+    async def delete(self, name: str) -> bool: ...
+
+
 class Catalog:
     def __init__(
         self,
         registry: Registry,
-        backbone: Backbone,
-        prepare: Prepare,
+        backbone: Backbone | BackboneInfo,
+        prepare: Prepare | None,
         on_change: Callable[[str], None] = lambda name: None,
         rescan_s: float = 1.0,
         host_budget: int = 1 << 62,
         loads: int = 2,
+        remote: EngineService | None = None,
     ):
         self.registry = registry
         self.backbone = backbone
         self.prepare = prepare  # artifact -> engine state (EnginePool.prepare)
+        # In a front end (PIGGY_FRONTENDS > 1), the engine service: it checks and stores
+        # uploads against its backbone and holds the states; this catalog lists headers.
+        self.remote = remote
         # Called with a name whose artifact went away or changed, or whose state was
         # evicted: the workers forget its states.
         self.on_change = on_change
@@ -226,12 +240,15 @@ class Catalog:
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         raise self.not_found(name)
 
-    def rescan_soon(self) -> None:
+    def rescan_soon(self, now: bool = False) -> None:
         """Rescan in the background unless a rescan started less than `rescan_s` ago (the
-        watcher's included) or one is under way: a burst of misses costs one at most."""
+        watcher's included) or one is under way: a burst of misses costs one at most.
+        `now`: the engine service says a task changed; rescan whenever it was last done."""
         if self._rescan is not None and not self._rescan.done():
+            if now:  # the one under way may have listed before the change
+                self._rescan.add_done_callback(lambda _: self.rescan_soon(now=True))
             return
-        if _now() - self._scanned_at < self.rescan_s:
+        if not now and _now() - self._scanned_at < self.rescan_s:
             return
         self._scanned_at = _now()
         self._rescan = asyncio.create_task(self._rescan_logged(), name="piggy-rescan")
@@ -259,6 +276,11 @@ class Catalog:
 
     async def put(self, name: str, data: bytes) -> Task:
         """Validate, then store: an invalid artifact never reaches the registry."""
+        if self.remote is not None:  # the service validates, stores and builds
+            task = await self.remote.store(name, data)
+            async with self._lock:
+                self._remember(task)
+            return task
         art, state = await asyncio.to_thread(self._build, data)
         async with self._lock:
             try:
@@ -270,6 +292,11 @@ class Catalog:
             return task
 
     async def delete(self, name: str) -> bool:
+        if self.remote is not None:
+            removed = await self.remote.delete(name)
+            async with self._lock:
+                self._forget(name)
+            return removed
         async with self._lock:
             try:
                 removed = await self.registry.delete(name)

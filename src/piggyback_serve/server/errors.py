@@ -96,6 +96,13 @@ class Timeout(ServeError):
     status, code = 504, "timeout"
 
 
+def rebuilt(status: int, code: str, message: str, headers: dict[str, str]) -> ServeError:
+    """An error the engine service answered (server/protocol.py's Refused), as raised there."""
+    error = ServeError(message, headers)
+    error.status, error.code = status, code
+    return error
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str

@@ -8,12 +8,15 @@ from typing import Annotated
 import torch
 from fastapi import Depends, Request
 
+from piggyback_serve.server.arena import Arena, ArenaFull
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog, Task
 from piggyback_serve.server.engine import EnginePool
 from piggyback_serve.server.engine.tier import TierStats
-from piggyback_serve.server.errors import NotReady, TaskNotFound
+from piggyback_serve.server.engine_client import EngineClient
+from piggyback_serve.server.errors import NotReady, Overloaded, TaskNotFound
 from piggyback_serve.server.metrics import UNKNOWN_TASK, Metrics, note_task
+from piggyback_serve.server.protocol import PixelRef
 from piggyback_serve.server.registry import Registry
 from piggyback_serve.server.settings import Settings
 
@@ -22,12 +25,16 @@ from piggyback_serve.server.settings import Settings
 class Services:
     settings: Settings
     metrics: Metrics
-    engine: EnginePool
+    engine: EnginePool | EngineClient
     registry: Registry
-    batcher: Batcher
+    batcher: Batcher | EngineClient
     catalog: Catalog | None = None  # set once the backbone is loaded
     startup_error: str | None = None
     background: list = field(default_factory=list)
+    # Where this process runs the engine itself: the arena its pixels go through. Where it
+    # is a front end of an engine service (PIGGY_FRONTENDS > 1): the service's client.
+    arena: Arena | None = None
+    remote: EngineClient | None = None
 
     @property
     def ready(self) -> bool:
@@ -54,16 +61,37 @@ class Services:
     async def classify(
         self, task: Task, images: list[torch.Tensor], started: float
     ) -> tuple[Task, list[torch.Tensor]]:
-        """Softmax probabilities per image from the engine: the task's state made ready
-        (built on its first use), then batched; 504 past the request timeout from
-        `started` (time.perf_counter)."""
-        ready = await self.require_catalog().resident(task)
+        """Softmax probabilities per image from the engine, and the task that answered
+        (its labels apply); 504 past the request timeout from `started` (perf_counter).
+        The one step /predict, OIP REST and OIP gRPC share."""
         timeout_s = self.settings.request_timeout_s
-        return ready, await self.batcher.submit_within(ready, images, started, timeout_s)
+        if self.remote is not None:
+            return await self.remote.classify(task, images, started, timeout_s)
+        refs = []
+        try:
+            for x in images:
+                refs.append(self.arena.put(x))
+        except ArenaFull as exc:
+            raise Overloaded(f"too many images in flight: {exc}") from None
+        try:
+            return await self.classify_pixels(task, refs, started, timeout_s)
+        finally:
+            for ref in refs:
+                self.arena.free(ref)
+
+    async def classify_pixels(
+        self, task: Task, rows: list[PixelRef], started: float, timeout_s: float
+    ) -> tuple[Task, list[torch.Tensor]]:
+        """`classify` for pixels already in shared memory (the engine service's step): the
+        task's state made ready (built on first use), then batched."""
+        ready = await self.require_catalog().resident(task)
+        return ready, await self.batcher.submit_within(ready, rows, started, timeout_s)
 
     def tiers(self) -> dict[str, TierStats]:
         """Each tier of task states: host (the catalog's), device (the workers', summed)."""
         found = {"host": self.catalog.host.stats()} if self.catalog else {}
+        if self.remote is not None:  # the engine service's catalog holds the states
+            found = {"host": self.remote.host_tier} if self.remote.host_tier else {}
         if (device := self.engine.device_tier) is not None:
             found["device"] = device
         return found
@@ -77,7 +105,7 @@ class Services:
         return {
             "task_switches": sum(w.switches for w in workers),
             "mixed_batches": sum(w.mixed for w in workers),
-            "task_state_bytes": catalog.host.bytes if catalog else 0,
+            "task_state_bytes": self.tiers()["host"].bytes if "host" in self.tiers() else 0,
             "tiers": self.tiers(),
             "tasks_failed": len(catalog.failed) if catalog else 0,
             "device_task_state_bytes": engine.device_state_bytes,

@@ -8,10 +8,12 @@ pristine weights instead of copying them. Task states are built here once
 that task, in the same message: a worker never meets a task it does not know. A removed
 task is forgotten by every worker that holds it.
 
-The batcher claims an idle worker for each batch (`claim`, preferring the one whose
-working copy already runs the batch's lead task), so that one batch runs per worker.
-A worker that dies (SIGKILL, out of memory) fails only the batch it was running
-(`WorkerDied`) and is replaced.
+The batcher forms batches and hands each to `submit(rows, pixels) -> future`, which owns
+the rest: it claims an idle worker (preferring the one whose working copy already runs the
+batch's lead task; one batch runs per worker), releases it, and retries a failed mixed
+batch task by task. Messages are typed (server/protocol.py); pixels are read by the worker
+from shared memory (server/arena.py). A worker that dies (SIGKILL, out of memory) fails
+only the batch it was running (`WorkerDied`) and is replaced.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.multiprocessing
 
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone, load_backbone
+from piggyback_serve.server.arena import Arena
 from piggyback_serve.server.engine import process, task_state
 from piggyback_serve.server.engine.config import WorkerConfig
 from piggyback_serve.server.engine.geometry import Geometries
@@ -38,7 +41,21 @@ from piggyback_serve.server.engine.layout import Template
 from piggyback_serve.server.engine.placement import place
 from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import TierStats
-from piggyback_serve.server.engine.worker import Row, TaskKey
+from piggyback_serve.server.engine.worker import Row
+from piggyback_serve.server.protocol import (
+    BatchDone,
+    BatchFailed,
+    DropArena,
+    Forget,
+    PixelRef,
+    Ready,
+    RunBatch,
+    StartFailed,
+    Stop,
+    TaskKey,
+    WorkerReport,
+    probs_from_bytes,
+)
 from piggyback_serve.server.settings import Settings
 
 log = logging.getLogger("piggy.serve")
@@ -81,24 +98,23 @@ class _Handle:
         self.pid: int | None = None
         self.known: set[TaskKey] = set()
         self.pending: tuple[int, asyncio.Future] | None = None
-        self.patched: TaskKey | None = None
-        self.batches = self.switches = self.mixed = self.device_state_bytes = 0
-        self.device_tier: TierStats | None = None  # None while it has made no device copy
+        self.report = WorkerReport(0, 0, 0, None, 0)
 
     @property
     def idle(self) -> bool:
         return self.state == "ready" and self.pending is None
 
     def info(self) -> WorkerInfo:
+        r = self.report
         return WorkerInfo(
             self.config.index,
             self.config.device,
             self.pid,
             self.state,
             self.pending is not None,
-            self.batches,
-            self.switches,
-            self.mixed,
+            r.batches,
+            r.switches,
+            r.mixed,
             self.restarts,
         )
 
@@ -112,12 +128,13 @@ class EnginePool:
         self.backbone = backbone
         self.template: Template | None = None
         self.geometries: Geometries | None = None
-        self.on_idle: Callable[[], None] = lambda: None  # the batcher's wake-up
+        self.on_change: Callable[[], None] = lambda: None  # a worker went idle, or changed
         self._handles: dict[int, _Handle] = {}
         self._ids = itertools.count()
         self._context = multiprocessing.get_context("forkserver")
         self._changed: asyncio.Event | None = None
         self._closing = False
+        self._arena: Arena | None = None  # predict()'s own, made on first use
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -181,13 +198,15 @@ class EnginePool:
         self._closing = True
         for handle in self._handles.values():
             with contextlib.suppress(OSError):
-                handle.conn.send(("stop",))
+                handle.conn.send(Stop())
         for handle in self._handles.values():
             await asyncio.to_thread(handle.process.join, 5)
             if handle.process.is_alive():
                 handle.process.kill()
             handle.conn.close()
             handle.state = "stopped"
+        if self._arena is not None:
+            self._arena.close()
 
     # -- what the server reads -----------------------------------------------------------
 
@@ -196,8 +215,12 @@ class EnginePool:
         return self.template is not None and self.alive > 0
 
     @property
-    def has_idle(self) -> bool:
-        return any(h.idle for h in self._handles.values())
+    def idle_workers(self) -> int:
+        return sum(h.idle for h in self._handles.values())
+
+    @property
+    def busy_workers(self) -> int:
+        return sum(h.pending is not None for h in self._handles.values())
 
     @property
     def alive(self) -> int:
@@ -215,12 +238,13 @@ class EnginePool:
 
     @property
     def device_state_bytes(self) -> int:
-        return sum(h.device_state_bytes for h in self._handles.values())
+        return sum(h.report.device_state_bytes for h in self._handles.values())
 
     @property
     def device_tier(self) -> TierStats | None:
         """The workers' device tiers summed (None where no worker copies states)."""
-        tiers = [h.device_tier for h in self._handles.values() if h.device_tier is not None]
+        tiers = [h.report.device_tier for h in self._handles.values()]
+        tiers = [t for t in tiers if t is not None]
         return sum(tiers, TierStats()) if tiers else None
 
     # -- tasks ---------------------------------------------------------------------------
@@ -239,44 +263,98 @@ class EnginePool:
             keys = [key for key in handle.known if key[0] == name]
             if keys and handle.state == "ready":
                 handle.known.difference_update(keys)
-                self._send(handle, ("forget", keys))
+                self._send(handle, Forget(tuple(keys)))
+
+    def drop_arena(self, name: str) -> None:
+        """Every worker unmaps arena `name` (its front end is gone)."""
+        for handle in self._handles.values():
+            if handle.state == "ready":
+                self._send(handle, DropArena(name))
 
     # -- batches -------------------------------------------------------------------------
 
-    def claim(self, lead: TaskKey) -> _Handle | None:
+    def submit(self, rows: list[Row], pixels: list[PixelRef]) -> asyncio.Future:
+        """Run one batch; a future of one result per row: its probabilities (numpy float32)
+        or the exception that failed it (WorkerDied, BatchError).
+
+        The pool owns the worker: it claims one (an idle worker at once where there is one,
+        the one whose copy already runs the batch's lead task first), releases it when the
+        answer comes, and retries a failed batch that mixes tasks one task at a time, so
+        that only the rows of the task that fails (a bad task, a device fault) fail."""
+        handle = self._claim(rows[0].key)
+        return asyncio.ensure_future(self._run(rows, pixels, handle))
+
+    async def predict(self, rows: list[Row], pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Rows given as one pixel tensor, through the pool's own arena: for callers without
+        front ends (benchmarks, tests). Raises what failed the first failed row."""
+        if self._arena is None:
+            self._arena = Arena()
+        refs = [self._arena.put(x) for x in pixels]
+        try:
+            results = await self.submit(rows, refs)
+        finally:
+            for ref in refs:
+                self._arena.free(ref)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [torch.from_numpy(p) for p in results]
+
+    async def _run(self, rows: list[Row], pixels: list[PixelRef], handle: _Handle | None):
+        try:
+            return await self._once(rows, pixels, handle)
+        except BatchError as exc:
+            if len({row.key for row in rows}) == 1:
+                return [exc] * len(rows)
+            log.warning("mixed batch failed (%s); running its tasks one by one", exc)
+        results: list = [None] * len(rows)
+        by_task: dict[TaskKey, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_task.setdefault(row.key, []).append(i)
+        for indices in by_task.values():
+            try:
+                piece = await self._once([rows[i] for i in indices], [pixels[i] for i in indices])
+            except BatchError as exc:
+                piece = [exc] * len(indices)
+            for i, result in zip(indices, piece, strict=True):
+                results[i] = result
+        return results
+
+    async def _once(self, rows, pixels, handle: _Handle | None = None) -> list:
+        """One batch on one worker (`handle`, claimed, or the next to be idle). A worker
+        that dies with it fails every row with WorkerDied: not the tasks' fault, no retry."""
+        while handle is None:
+            self._changed.clear()
+            await self._changed.wait()
+            handle = self._claim(rows[0].key)
+        batch_id, future = handle.pending
+        new = {row.key: row.state for row in rows if row.key not in handle.known}
+        message = RunBatch(batch_id, tuple(r.key for r in rows), new, tuple(pixels))
+        try:
+            self._send(handle, message)
+            handle.known.update(new)
+            try:
+                return await future
+            except WorkerDied as exc:
+                return [exc] * len(rows)
+        finally:
+            self._release(handle, batch_id)
+
+    def _claim(self, lead: TaskKey) -> _Handle | None:
         """An idle worker for a batch led by task `lead` (the one whose copy runs it if
         any), now marked busy; None when every worker is busy."""
         idle = [h for h in self._handles.values() if h.idle]
         if not idle:
             return None
-        handle = next((h for h in idle if h.patched == lead), idle[0])
+        handle = next((h for h in idle if h.report.patched == lead), idle[0])
         handle.pending = (next(self._ids), asyncio.get_running_loop().create_future())
         return handle
 
-    async def run(self, handle: _Handle, rows: list[Row], pixels: torch.Tensor):
-        """Softmax probabilities per row from the claimed worker; it is idle again after."""
-        batch_id, future = handle.pending
-        new = {row.key: row.state for row in rows if row.key not in handle.known}
-        try:
-            self._send(handle, ("batch", batch_id, [r.key for r in rows], new, pixels.numpy()))
-            handle.known.update(new)
-            return await future
-        finally:
-            self.release(handle, batch_id)
-
-    def release(self, handle: _Handle, batch_id: int | None = None) -> None:
-        """The claimed worker is idle again (its batch `batch_id` answered, or none run)."""
-        if handle.pending is not None and batch_id in (None, handle.pending[0]):
+    def _release(self, handle: _Handle, batch_id: int) -> None:
+        """The claimed worker is idle again (its batch `batch_id` answered or lost)."""
+        if handle.pending is not None and handle.pending[0] == batch_id:
             handle.pending = None
-            self.on_idle()
-
-    async def predict(self, rows: list[Row], pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Claim a worker (waiting for one) and run a batch on it: for callers without a
-        batcher (benchmarks, tests)."""
-        while (handle := self.claim(rows[0].key)) is None:
-            self._changed.clear()
-            await self._changed.wait()
-        return await self.run(handle, rows, pixels)
+            self._notify()
 
     def _send(self, handle: _Handle, message: tuple) -> None:
         try:
@@ -297,24 +375,22 @@ class EnginePool:
         with contextlib.suppress(RuntimeError):  # the loop is gone: the pool closed with it
             loop.call_soon_threadsafe(self._lost, handle)
 
-    def _dispatch(self, handle: _Handle, message: tuple) -> None:
-        kind = message[0]
-        if kind == "ready":
-            handle.state, handle.pid = "ready", message[1]
-            log.info("engine worker %d ready (pid %d)", handle.config.index, handle.pid)
-        elif kind == "failed":
-            handle.state, handle.error = "failed", message[1]
-            log.error("engine worker %d failed to start: %s", handle.config.index, message[1])
-        else:
-            batch_id, payload, stats = message[1], message[2], message[-1]
-            handle.batches, handle.switches, handle.mixed, handle.patched = stats[:4]
-            handle.device_state_bytes, handle.device_tier = stats[4], stats[5]
-            pending = handle.pending
-            if pending is not None and pending[0] == batch_id and not pending[1].done():
-                if kind == "done":
-                    pending[1].set_result([torch.from_numpy(p) for p in payload])
-                else:
-                    pending[1].set_exception(BatchError(payload))
+    def _dispatch(self, handle: _Handle, message: object) -> None:
+        match message:
+            case Ready(pid):
+                handle.state, handle.pid = "ready", pid
+                log.info("engine worker %d ready (pid %d)", handle.config.index, pid)
+            case StartFailed(reason):
+                handle.state, handle.error = "failed", reason
+                log.error("engine worker %d failed to start: %s", handle.config.index, reason)
+            case BatchDone(batch_id, probs, report) | BatchFailed(batch_id, probs, report):
+                handle.report = report
+                pending = handle.pending
+                if pending is not None and pending[0] == batch_id and not pending[1].done():
+                    if isinstance(message, BatchDone):
+                        pending[1].set_result([probs_from_bytes(p) for p in probs])
+                    else:
+                        pending[1].set_exception(BatchError(message.reason))
         self._notify()
 
     def _lost(self, handle: _Handle) -> None:
@@ -350,4 +426,4 @@ class EnginePool:
     def _notify(self) -> None:
         if self._changed is not None:
             self._changed.set()
-        self.on_idle()
+        self.on_change()

@@ -1,12 +1,8 @@
 """The loop of one engine worker process: messages in from the pool, answers out.
 
-Messages from the pool (server/engine/pool.py), over one pipe:
-- ("batch", id, keys, new_states, pixels): run a batch; `new_states` holds the states of
-  the tasks among `keys` this worker has not been sent yet (so no batch can meet a task
-  it does not know); pixels is a numpy array (uint8 as decoded, or float preprocessed);
-- ("forget", keys): drop these tasks' states; ("stop",): exit. So does a closed pipe.
-Answers: ("ready", pid) or ("failed", why) once at start; per batch ("done", id, probs,
-stats) or ("error", id, why, stats).
+Messages (server/protocol.py), over one pipe: RunBatch, Forget, DropArena, Stop in; Ready
+or StartFailed once at start, then BatchDone or BatchFailed per batch out. A batch's pixels
+are read from the front ends' shared-memory arenas (server/arena.py).
 """
 
 from __future__ import annotations
@@ -16,9 +12,22 @@ import signal
 
 import torch
 
+from piggyback_serve.server.arena import ArenaReader
 from piggyback_serve.server.engine.config import WorkerConfig
 from piggyback_serve.server.engine.layout import Template
 from piggyback_serve.server.engine.worker import Row, Worker
+from piggyback_serve.server.protocol import (
+    BatchDone,
+    BatchFailed,
+    DropArena,
+    Forget,
+    Ready,
+    RunBatch,
+    StartFailed,
+    Stop,
+    WorkerReport,
+    probs_to_bytes,
+)
 
 
 def main(conn, config: WorkerConfig, template: Template) -> None:
@@ -29,42 +38,47 @@ def main(conn, config: WorkerConfig, template: Template) -> None:
     try:
         worker = Worker(config, template)
     except Exception as exc:
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
         return
     del template
-    conn.send(("ready", os.getpid()))
+    conn.send(Ready(os.getpid()))
     states = {}
+    arenas = ArenaReader()
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
-        kind = message[0]
-        if kind == "stop":
-            return
-        if kind == "forget":
-            for key in message[1]:
-                states.pop(key, None)
-            worker.forget(message[1])
-            continue
-        _, batch_id, keys, new_states, pixels = message
-        states.update(new_states)
-        try:
-            probs = worker.step([Row(key, states[key]) for key in keys], _pixels(pixels, worker))
-        except Exception as exc:
-            conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}", _stats(worker)))
-            continue
-        conn.send(("done", batch_id, [p.numpy() for p in probs], _stats(worker)))
+        match message:
+            case Stop():
+                return
+            case Forget(keys):
+                for key in keys:
+                    states.pop(key, None)
+                worker.forget(list(keys))
+            case DropArena(name):
+                arenas.drop(name)
+            case RunBatch(batch_id, keys, new_states, refs):
+                states.update(new_states)
+                try:
+                    pixels = _on_host(arenas.stack(list(refs)), worker)
+                    probs = worker.step([Row(key, states[key]) for key in keys], pixels)
+                except Exception as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                    conn.send(BatchFailed(batch_id, why, _report(worker)))
+                    continue
+                conn.send(BatchDone(batch_id, tuple(map(probs_to_bytes, probs)), _report(worker)))
 
 
-def _pixels(array, worker: Worker) -> torch.Tensor:
-    pixels = torch.from_numpy(array)
+def _on_host(pixels: torch.Tensor, worker: Worker) -> torch.Tensor:
     if worker.device.type == "cuda":
         pixels = pixels.pin_memory()  # the copy to the device then runs asynchronously
     return pixels
 
 
-def _stats(worker: Worker) -> tuple:
+def _report(worker: Worker) -> WorkerReport:
     s = worker.stats
     tier = worker.device_tier.stats() if worker.copies_states else None
-    return s.batches, s.switches, s.mixed, worker.working.patched, worker.device_state_bytes, tier
+    return WorkerReport(
+        s.batches, s.switches, s.mixed, worker.working.patched, worker.device_state_bytes, tier
+    )
