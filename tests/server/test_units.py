@@ -46,8 +46,9 @@ class FakeEngine:
     """An engine pool of `workers` that record each batch as its rows' task names and
     answer each image with its own pixels (`submit`, as EnginePool's)."""
 
-    def __init__(self, seconds: float = 0.01, workers: int = 1):
+    def __init__(self, seconds: float = 0.01, workers: int = 1, first: tuple = ()):
         self.seconds = seconds
+        self.durations = list(first)  # of the first batches, in order; then `seconds`
         self.workers = workers
         self.free = workers
         self.batches: list[list[str]] = []
@@ -72,7 +73,7 @@ class FakeEngine:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.seconds)
+            await asyncio.sleep(self.durations.pop(0) if self.durations else self.seconds)
             return [x.reshape(-1)[:2] for x in pixels]
         finally:
             self.in_flight -= 1
@@ -188,6 +189,36 @@ async def test_one_batch_runs_per_idle_worker_at_once():
         await asyncio.wait_for(asyncio.gather(*jobs), 5)
         assert engine.most_in_flight == 2  # both workers busy, never a third batch
         assert sorted(map(tuple, engine.batches)) == [(n, n) for n in "abcdef"]
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_waiting_images_are_shared_among_idle_workers():
+    engine = FakeEngine(seconds=0.05, workers=2)
+    batcher = Batcher(engine, Metrics(), max_batch_size=8, max_delay_s=0.02, queue_size=100)
+    batcher.start()
+    try:
+        await asyncio.wait_for(batcher.submit(task("a"), [torch.zeros(2)] * 8), 5)
+        assert engine.batches == [["a"] * 4, ["a"] * 4]  # both workers, not one batch of 8
+    finally:
+        await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_an_idle_worker_takes_waiting_images_at_once_while_another_is_busy():
+    engine = FakeEngine(seconds=0.01, workers=2, first=(1.0, 0.05))
+    batcher = Batcher(engine, Metrics(), max_batch_size=8, max_delay_s=10, queue_size=100)
+    batcher.start()
+    try:
+        busy = asyncio.create_task(batcher.submit(task("a"), [torch.zeros(2)] * 8))
+        await asyncio.sleep(0.2)  # 2 batches of 4: worker 1 busy for 1 s, worker 2 idle
+        started = time.monotonic()
+        await asyncio.wait_for(batcher.submit(task("b"), [torch.zeros(2)]), 5)
+        # Neither the 10 s delay to fill a batch nor worker 1's end: worker 2 took it.
+        assert time.monotonic() - started < 0.5
+        assert engine.batches[-1] == ["b"]
+        await busy
     finally:
         await batcher.close()
 

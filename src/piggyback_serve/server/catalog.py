@@ -34,7 +34,7 @@ from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
 from piggyback_serve.server.open_files import explain
-from piggyback_serve.server.protocol import BackboneInfo
+from piggyback_serve.server.protocol import BackboneInfo, TaskChanged
 from piggyback_serve.server.registry import Entry, Registry, RegistryError
 
 log = logging.getLogger("piggy.serve")
@@ -240,15 +240,19 @@ class Catalog:
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         raise self.not_found(name)
 
-    def rescan_soon(self, now: bool = False) -> None:
+    def changed_elsewhere(self, change: TaskChanged) -> None:
+        """Another front end uploaded (`change.task`) or deleted a task: list it so now."""
+        if change.task is None:
+            self._forget(change.name)
+        elif (known := self.tasks.get(change.name)) is None or known.version != change.task.version:
+            self._remember(change.task)
+
+    def rescan_soon(self) -> None:
         """Rescan in the background unless a rescan started less than `rescan_s` ago (the
-        watcher's included) or one is under way: a burst of misses costs one at most.
-        `now`: the engine service says a task changed; rescan whenever it was last done."""
+        watcher's included) or one is under way: a burst of misses costs one at most."""
         if self._rescan is not None and not self._rescan.done():
-            if now:  # the one under way may have listed before the change
-                self._rescan.add_done_callback(lambda _: self.rescan_soon(now=True))
             return
-        if not now and _now() - self._scanned_at < self.rescan_s:
+        if _now() - self._scanned_at < self.rescan_s:
             return
         self._scanned_at = _now()
         self._rescan = asyncio.create_task(self._rescan_logged(), name="piggy-rescan")

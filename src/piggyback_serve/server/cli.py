@@ -16,6 +16,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from piggyback_serve._pipes import quiet_when_the_reader_leaves
 from piggyback_serve.masks.errors import MasksError
+from piggyback_serve.server.engine.placement import frontend_count
 from piggyback_serve.server.registry import RegistryError, open_registry
 from piggyback_serve.server.settings import Settings
 
@@ -53,6 +54,13 @@ def parser() -> argparse.ArgumentParser:
         help="run as a Ray Serve application: a local Ray, or the cluster in RAY_ADDRESS; "
         "--host/--port set Ray's HTTP proxy (needs the `ray` extra)",
     )
+    p.add_argument(
+        "--frontends",
+        type=int,
+        help="HTTP front-end processes sharing the port and one engine service (default "
+        "PIGGY_FRONTENDS, or enough to feed the device: 1 on the CPU, the cores the GPUs "
+        "leave on CUDA)",
+    )
     p.add_argument("--replicas", type=int, help="with --ray: replicas, one engine each (1)")
     p.add_argument(
         "--replica-cpus",
@@ -67,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    given = (("host", args.host), ("port", args.port), ("frontends", args.frontends))
+    overrides = {k: v for k, v in given if v is not None}
     if args.demo:
         from piggyback_serve.masks.demo import DEMO_BACKBONE
 
@@ -139,10 +148,19 @@ def _main(argv: list[str] | None) -> int:
             args.replica_cpus or 1.0,
             args.log_level,
         )
-    app = create_app(settings, backbone)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, http=DrainingHTTP
-    )
+    count = frontend_count(settings)
+    if count > 1:
+        from piggyback_serve.server.frontends import Supervisor
+
+        return Supervisor(settings, sock, backbone, count, args.log_level).run()
+    return serve(create_app(settings, backbone), sock, args.log_level)
+
+
+def serve(app, sock: socket.socket, log_level: str) -> int:
+    """uvicorn on a bound socket until SIGTERM or SIGINT: 0 after a clean stop, 3 when the
+    app failed during startup."""
+    host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=DrainingHTTP)
     server = _Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the

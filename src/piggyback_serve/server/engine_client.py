@@ -37,7 +37,7 @@ from piggyback_serve.server.protocol import (
     Stored,
     StoreTask,
     Submit,
-    TasksChanged,
+    TaskChanged,
     probs_from_bytes,
     read,
     write,
@@ -57,7 +57,7 @@ class EngineClient:
         self.address = address
         self.arena = Arena()
         self.status: EngineStatus | None = None
-        self.on_tasks_changed: Callable[[tuple[str, ...]], None] = lambda names: None
+        self.on_task_changed: Callable[[TaskChanged], None] = lambda change: None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -223,8 +223,8 @@ class EngineClient:
             case EngineStatus():
                 self.status = message
                 self._status_changed.set()
-            case TasksChanged(names):
-                self.on_tasks_changed(names)
+            case TaskChanged():
+                self.on_task_changed(message)
             case Answer(request_id) | Stored(request_id) | Deleted(request_id):
                 self._resolve(request_id, message, None)
             case Refused(request_id, status, code, text, headers):

@@ -190,10 +190,13 @@ class Deleted:
 
 
 @dataclass(frozen=True)
-class TasksChanged:
-    """The service's catalog changed (an upload, a delete, a rescan): front ends rescan."""
+class TaskChanged:
+    """A task was uploaded (`task`: its catalog Task, header only) or deleted (None)
+    through one front end: every other front end lists it so before the upload is
+    answered."""
 
-    names: tuple[str, ...]
+    name: str
+    task: Any = None
 
 
 @dataclass(frozen=True)

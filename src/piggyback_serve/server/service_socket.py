@@ -31,7 +31,7 @@ from piggyback_serve.server.protocol import (
     Stored,
     StoreTask,
     Submit,
-    TasksChanged,
+    TaskChanged,
     probs_to_bytes,
     read,
     write,
@@ -122,11 +122,11 @@ class ServiceSocket:
                     reply = await self._classify(message)
                 case StoreTask(request_id, name, data):
                     task = await self.svc.require_catalog().put(name, data)
-                    await self._changed(front, name)
+                    await self._changed(front, TaskChanged(name, task))
                     reply = Stored(request_id, task)
                 case DeleteTask(request_id, name):
                     removed = await self.svc.require_catalog().delete(name)
-                    await self._changed(front, name)
+                    await self._changed(front, TaskChanged(name))
                     reply = Deleted(request_id, removed)
                 case _:
                     log.error("engine service: unknown message %r", type(message).__name__)
@@ -153,11 +153,11 @@ class ServiceSocket:
             changed = dataclasses.replace(answered, state=None)
         return Answer(message.request_id, tuple(map(probs_to_bytes, probs)), changed)
 
-    async def _changed(self, origin: _FrontEnd, name: str) -> None:
-        """Every other front end rescans now, before the origin is answered."""
+    async def _changed(self, origin: _FrontEnd, change: TaskChanged) -> None:
+        """Every other front end hears of an upload or delete before the origin answers it."""
         for front in list(self.front_ends):
             if front is not origin:
-                await front.send(TasksChanged((name,)))
+                await front.send(change)
 
     # -- status ------------------------------------------------------------------------------
 

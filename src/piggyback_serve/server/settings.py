@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # torch threads each, by default one per core; on CUDA, one per device.
     engine_workers: int | None = Field(None, ge=1)
     engine_threads: int = Field(1, ge=1)
+    # HTTP front-end processes on one port, sharing one engine service (server/frontends.py);
+    # None: enough to feed the device (server/engine/placement.py's frontend_count).
+    frontends: int | None = Field(None, ge=1)
     # torch.compile each worker's module (inductor): costs tens of seconds per input shape at
     # start; measured in bench/results (the compile section).
     compile: bool = False
@@ -79,7 +82,7 @@ class Settings(BaseSettings):
     # The Open Inference Protocol over gRPC (server/oip_grpc) on `host` and this port; 0: off.
     grpc_port: int = Field(8001, ge=0, le=65535)
 
-    @field_validator("engine_workers", mode="before")
+    @field_validator("engine_workers", "frontends", mode="before")
     @classmethod
     def _empty_workers_are_auto(cls, value):
         return None if value in ("", "auto") else value
