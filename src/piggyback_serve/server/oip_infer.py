@@ -91,7 +91,7 @@ def model_metadata(task: Task) -> dict:
 
 async def infer(svc: Services, task: Task, tensor: Tensor, top_k: Any, started: float) -> Answer:
     """Check the input, classify it with `task`, rank the top k (`top_k`: the request
-    parameter as sent, None when absent)."""
+    parameter as sent, DEFAULT_TOP_K when absent; null is a 400)."""
     k = check_top_k(top_k)
     check_input(tensor)
     settings = svc.settings
@@ -111,8 +111,6 @@ async def infer(svc: Services, task: Task, tensor: Tensor, top_k: Any, started: 
 
 
 def check_top_k(k: Any) -> int:
-    if k is None:
-        return DEFAULT_TOP_K
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise BadRequest(f"parameter top_k must be an integer of at least 1, not {k!r}")
     return k

@@ -95,6 +95,8 @@ class InferenceService:
         _check_size(request, self.svc.settings.max_body_bytes)
         tensor = _one_input(request)
         top_k = _param(request.parameters.get("top_k"))
+        if top_k is None:  # not sent (protobuf has no null)
+            top_k = oip_infer.DEFAULT_TOP_K
         wanted = [o.name for o in request.outputs] or list(OUTPUTS)
         for name in wanted:
             if name not in OUTPUTS:

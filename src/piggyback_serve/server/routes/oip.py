@@ -141,7 +141,7 @@ async def infer(name: str, request: Request, svc: ServicesDep) -> Response:
     task = svc.find_task(request, name)
     header, binary = await _read(request, svc.settings)
     tensor = _one_input(header, binary)
-    top_k = _params(header, "request").get("top_k")
+    top_k = _params(header, "request").get("top_k", oip_infer.DEFAULT_TOP_K)  # null: a 400
     answer = await oip_infer.infer(svc, task, tensor, top_k, started)
     return _response(header, answer)
 
