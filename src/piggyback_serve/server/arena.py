@@ -11,8 +11,10 @@ read it (its request timed out) can only spoil that row's answer, which nobody w
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import mmap
 import os
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -22,6 +24,18 @@ from piggyback_serve.server.protocol import PixelRef
 
 ALIGN = 4096  # rows start on a page: a row never shares a page with another
 DEFAULT_BYTES = 128 * 1024 * 1024  # tmpfs pages are only taken when written
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image kept encoded for the engine worker to decode on its device (a JPEG whose
+    header was checked), to the task's input size."""
+
+    data: bytes
+    size: int
+
+
+Row = torch.Tensor | Encoded
 
 
 class ArenaFull(RuntimeError):
@@ -38,9 +52,13 @@ class Arena:
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, length), by offset
         self.used = 0
 
-    def put(self, pixels: torch.Tensor) -> PixelRef:
-        """Copy `pixels` (uint8 or float32, any shape) into a free run; its reference."""
-        array = pixels.detach().cpu().contiguous().numpy()
+    def put(self, row: Row) -> PixelRef:
+        """Copy a row (pixels, uint8 or float32, any shape; or encoded bytes) into a free
+        run; its reference."""
+        if isinstance(row, Encoded):
+            ref = self.put(torch.frombuffer(bytearray(row.data), dtype=torch.uint8))
+            return dataclasses.replace(ref, decode_to=row.size)
+        array = row.detach().cpu().contiguous().numpy()
         length = _round_up(max(array.nbytes, 1))
         i = next((i for i, (_, free) in enumerate(self._free) if free >= length), None)
         if i is None:
@@ -94,6 +112,9 @@ class ArenaReader:
     def stack(self, refs: list[PixelRef]) -> torch.Tensor:
         """The rows as one batch tensor (the one copy a batch needs)."""
         return torch.stack([self.tensor(ref) for ref in refs])
+
+    def bytes(self, ref: PixelRef) -> bytes:
+        return self.tensor(ref).numpy().tobytes()
 
     def drop(self, name: str) -> None:
         """Unmap a segment whose owner is gone (its memory returns once nobody maps it)."""

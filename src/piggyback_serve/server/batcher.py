@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 import torch
 
 from piggyback_serve.server.catalog import Task
-from piggyback_serve.server.engine import EnginePool, Row, WorkerDied
-from piggyback_serve.server.errors import BatchFailed, Overloaded, ServeError, Timeout, WorkerLost
+from piggyback_serve.server.engine import EnginePool, Row, Undecodable, WorkerDied
+from piggyback_serve.server.errors import (
+    BatchFailed,
+    NotAnImage,
+    Overloaded,
+    ServeError,
+    Timeout,
+    WorkerLost,
+)
 from piggyback_serve.server.metrics import Metrics
 from piggyback_serve.server.protocol import PixelRef
 
@@ -180,6 +187,7 @@ class Batcher:
             exc = done.exception()
             results = done.result() if exc is None else [exc] * len(batch)
             failed = [r for r in results if isinstance(r, BaseException)]
+            failed = [r for r in failed if not isinstance(r, Undecodable)]  # a client's image
             if failed:
                 log.error("%d of a batch of %d failed: %s", len(failed), len(batch), failed[0])
             for item, result in zip(batch, results, strict=True):
@@ -197,6 +205,8 @@ def _failure(exc: BaseException, item: _Item, batch: list[_Item]) -> ServeError:
     """The API error a request gets for an engine failure of its row."""
     if isinstance(exc, WorkerDied):  # not the task's fault: the client may retry
         return WorkerLost(f"the engine worker running this batch was lost ({exc}); retry")
+    if isinstance(exc, Undecodable):  # this image alone
+        return NotAnImage(f"image could not be decoded: {exc}")
     same = sum(other.task.key == item.task.key for other in batch)
     return BatchFailed(
         f"the batch of {same} images for task {item.task.name!r} failed: "
@@ -206,4 +216,6 @@ def _failure(exc: BaseException, item: _Item, batch: list[_Item]) -> ServeError:
 
 def _kind(item: _Item) -> tuple:
     """What images must share to stack into one batch: shape and dtype."""
+    if isinstance(item.x, PixelRef):
+        return item.x.row
     return item.x.shape, item.x.dtype

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from piggyback_serve.server.arena import Arena, ArenaFull
+from piggyback_serve.server.arena import Arena, ArenaFull, Row
 from piggyback_serve.server.engine.pool import WorkerInfo
 from piggyback_serve.server.engine.tier import TierStats
 from piggyback_serve.server.errors import NotReady, Overloaded, ServeError, Timeout, rebuilt
@@ -150,7 +150,7 @@ class EngineClient:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def classify(self, task, images: list[torch.Tensor], started: float, timeout_s: float):
+    async def classify(self, task, images: list[Row], started: float, timeout_s: float):
         """Probabilities per image for `task` (the catalog's Task, header only), and the
         task that answered (a newer version when the service had one)."""
         refs = []

@@ -98,7 +98,9 @@ async def infer(svc: Services, task: Task, tensor: Tensor, top_k: Any, started: 
     if tensor.name == "image":
         blobs = image_elements(tensor)
         check_batch(len(blobs), settings)
-        images = await prepare_async(blobs, task.artifact, settings.max_pixels)
+        images = await prepare_async(
+            blobs, task.artifact, settings.max_pixels, on_device=svc.decode_on_device
+        )
     else:
         images = pixels(tensor, task, settings)
     task, probs = await svc.classify(task, images, started)

@@ -16,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.data import to_pixels
-from piggyback_serve.masks.decode import TooManyPixels, open_image
+from piggyback_serve.masks.decode import JPEG_FORMATS, TooManyPixels, is_jpeg, open_image
+from piggyback_serve.server.arena import Encoded
 from piggyback_serve.server.errors import NotAnImage, PayloadTooLarge
 from piggyback_serve.server.sniff import describe
 
@@ -85,11 +86,16 @@ def prepare(
     artifact: TaskArtifact,
     max_pixels: int,
     names: Sequence[str] | None = None,
-) -> list[torch.Tensor]:
+    on_device: bool = False,
+) -> list[torch.Tensor | Encoded]:
     """Decode and run masks' own preprocessing, exactly as in training, up to the pixels.
-    With `names` (one per blob), an image's 413/415 starts with its name."""
-    tensors = []
+    With `names` (one per blob), an image's 413/415 starts with its name. With `on_device`,
+    a JPEG whose header is in bounds stays encoded, for the engine worker to decode."""
+    tensors: list[torch.Tensor | Encoded] = []
     for i, blob in enumerate(blobs):
+        if on_device and _device_jpeg(blob, max_pixels):
+            tensors.append(Encoded(blob, artifact.input_size))
+            continue
         try:
             image = _decode(blob, max_pixels, artifact.input_size)
         except (NotAnImage, PayloadTooLarge) as exc:
@@ -105,12 +111,29 @@ async def prepare_async(
     artifact: TaskArtifact,
     max_pixels: int,
     names: Sequence[str] | None = None,
-) -> list[torch.Tensor]:
+    on_device: bool = False,
+) -> list[torch.Tensor | Encoded]:
     """`prepare` off the event loop; small images (their headers say at most INLINE_PIXELS
-    in all) decode on it, where a thread hop would cost more than decoding them."""
+    in all) decode on it, where a thread hop would cost more than decoding them, and so do
+    JPEGs the device decodes (only their headers are read here)."""
+    if on_device and all(_device_jpeg(blob, max_pixels) for blob in blobs):
+        return [Encoded(blob, artifact.input_size) for blob in blobs]
     if sum(map(_claimed_pixels, blobs)) <= INLINE_PIXELS:
-        return prepare(blobs, artifact, max_pixels, names)
-    return await asyncio.to_thread(prepare, blobs, artifact, max_pixels, names)
+        return prepare(blobs, artifact, max_pixels, names, on_device)
+    return await asyncio.to_thread(prepare, blobs, artifact, max_pixels, names, on_device)
+
+
+def _device_jpeg(blob: bytes, max_pixels: int) -> bool:
+    """A JPEG the device may decode: its header reads and is within the pixel limit. Any
+    doubt goes to the CPU path, which says what is wrong."""
+    if not is_jpeg(blob):
+        return False
+    try:
+        with Image.open(io.BytesIO(blob), formats=JPEG_FORMATS) as image:
+            width, height = image.size
+    except Exception:  # Pillow's errors for a bad header are many: the CPU path names it
+        return False
+    return width * height <= max_pixels
 
 
 def image_format(data: bytes) -> str | None:

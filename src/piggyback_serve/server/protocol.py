@@ -31,10 +31,19 @@ class PixelRef:
     offset: int
     shape: tuple[int, ...]
     dtype: str  # numpy's dtype.str: "|u1" (uint8 as decoded), "<f4" (OIP's FP32 pixels)
+    # Not 0: the bytes are a JPEG the worker decodes on its device to [3, size, size] uint8.
+    decode_to: int = 0
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def row(self) -> tuple:
+        """What rows must share to stack into one batch: the pixels' shape and dtype."""
+        if self.decode_to:
+            return (3, self.decode_to, self.decode_to), "|u1"
+        return self.shape, self.dtype
 
 
 def probs_to_bytes(p) -> bytes:
@@ -105,6 +114,7 @@ class BatchDone:
     batch_id: int
     probs: tuple[bytes, ...]  # float32 per row
     report: WorkerReport
+    undecodable: dict[int, str] = field(default_factory=dict)  # row -> why (JPEG rows)
 
 
 @dataclass(frozen=True)

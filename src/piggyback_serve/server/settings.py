@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     backbone_weights: str | None = None
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Where JPEGs are decoded: "device" (sent encoded, decoded in batches by the engine
+    # worker on its device: nvJPEG on CUDA), "cpu" (by the front end, Pillow), or "auto":
+    # the device on CUDA, the CPU elsewhere. Other formats always decode on the CPU.
+    decode: Literal["auto", "cpu", "device"] = "auto"
     # "dir:/path" or "redis://host:port/db"; None: a folder under home.
     registry: str | None = None
     registry_rescan_s: float = Field(1.0, gt=0)

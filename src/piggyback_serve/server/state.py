@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 from fastapi import Depends, Request
 
-from piggyback_serve.server.arena import Arena, ArenaFull
+from piggyback_serve.server.arena import Arena, ArenaFull, Encoded
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog, Task
 from piggyback_serve.server.engine import EnginePool
@@ -37,6 +37,14 @@ class Services:
     remote: EngineClient | None = None
 
     @property
+    def decode_on_device(self) -> bool:
+        """JPEGs go to the engine encoded (PIGGY_DECODE; auto: where the engine is CUDA)."""
+        mode = self.settings.decode
+        if mode != "auto":
+            return mode == "device"
+        return str(self.engine.device).startswith("cuda")
+
+    @property
     def ready(self) -> bool:
         return self.catalog is not None and self.engine.ready
 
@@ -59,7 +67,7 @@ class Services:
         return task
 
     async def classify(
-        self, task: Task, images: list[torch.Tensor], started: float
+        self, task: Task, images: list[torch.Tensor | Encoded], started: float
     ) -> tuple[Task, list[torch.Tensor]]:
         """Softmax probabilities per image from the engine, and the task that answered
         (its labels apply); 504 past the request timeout from `started` (perf_counter).

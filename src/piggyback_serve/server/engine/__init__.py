@@ -6,7 +6,22 @@ mixed.py (one-pass mixed batches) · worker.py (one device: step(batch) -> proba
 process.py (a worker's process loop) · pool.py (the workers, as the batcher sees them).
 """
 
-from piggyback_serve.server.engine.pool import BatchError, EnginePool, WorkerDied, WorkerInfo
+from piggyback_serve.server.engine.pool import (
+    BatchError,
+    EnginePool,
+    Undecodable,
+    WorkerDied,
+    WorkerInfo,
+)
 from piggyback_serve.server.engine.worker import Row, TaskKey, Worker
 
-__all__ = ["BatchError", "EnginePool", "Row", "TaskKey", "Worker", "WorkerDied", "WorkerInfo"]
+__all__ = [
+    "BatchError",
+    "EnginePool",
+    "Row",
+    "TaskKey",
+    "Undecodable",
+    "Worker",
+    "WorkerDied",
+    "WorkerInfo",
+]

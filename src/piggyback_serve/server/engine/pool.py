@@ -73,6 +73,10 @@ class BatchError(RuntimeError):
     """The worker raised while running a batch (it goes on serving)."""
 
 
+class Undecodable(ValueError):
+    """A row's encoded image could not be decoded, on the device or the CPU (that row only)."""
+
+
 @dataclass
 class WorkerInfo:
     """One worker as /readyz (its JSON body, server/schemas.py) and /metrics show it."""
@@ -388,7 +392,10 @@ class EnginePool:
                 pending = handle.pending
                 if pending is not None and pending[0] == batch_id and not pending[1].done():
                     if isinstance(message, BatchDone):
-                        pending[1].set_result([probs_from_bytes(p) for p in probs])
+                        results = [probs_from_bytes(p) for p in probs]
+                        for row, why in message.undecodable.items():
+                            results[row] = Undecodable(why)
+                        pending[1].set_result(results)
                     else:
                         pending[1].set_exception(BatchError(message.reason))
         self._notify()

@@ -72,7 +72,9 @@ async def predict(
     found = svc.find_task(request, task)
     settings = svc.settings
     blobs, names = await _images(request, settings)
-    tensors = await prepare_async(blobs, found.artifact, settings.max_pixels, names)
+    tensors = await prepare_async(
+        blobs, found.artifact, settings.max_pixels, names, svc.decode_on_device
+    )
     found, probs = await svc.classify(found, tensors, started)
     svc.metrics.images.labels(found.name).inc(len(blobs))
     labels = found.artifact.labels
