@@ -249,7 +249,8 @@ def test_grpc_port_setting(monkeypatch):
 
 
 def test_the_compiled_descriptor_is_the_proto():
-    """oip_grpc/_descriptor.py is grpc_predict_v2.proto as it stands (generate.py rewrites it)."""
+    """server/oip_grpc/_descriptor.py is grpc_predict_v2.proto as it stands (generate.py
+    rewrites it)."""
     pytest.importorskip("grpc_tools")
     import base64
 

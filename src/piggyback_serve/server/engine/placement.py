@@ -52,7 +52,7 @@ def frontend_count(settings: Settings) -> int:
     """HTTP front-end processes: PIGGY_FRONTENDS, else enough to feed the device. On CUDA
     the engine needs a core per device and the service one: the other cores decode. On the
     CPU the engine workers take every core already: one front end, in the same process as
-    the engine (bench/results/frontends.md compares)."""
+    the engine (`python -m bench --scenarios frontends` compares)."""
     if settings.frontends is not None:
         return settings.frontends
     if resolve_device(settings.device).type != "cuda":
