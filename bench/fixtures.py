@@ -177,3 +177,27 @@ def write_full_models(folder: Path, backbone: Backbone, n: int, input_size: int)
             save_file(full_state_dict(art, backbone), str(path))
         size = path.stat().st_size
     return size
+
+
+PHONE = (4032, 3024)
+
+
+def photo_jpegs() -> list[bytes]:
+    """The natural photos at their own sizes (451x300 to 640x427), JPEG quality 90."""
+    return [_jpeg(Image.fromarray(p).convert("RGB")) for p in _photos()]
+
+
+def phone_jpegs(n: int = 4) -> list[bytes]:
+    """Phone-camera photos: the natural photos upscaled to 4032x3024, JPEG quality 90. Made
+    at run time (megabytes each), never stored."""
+    photos = _photos()
+    return [
+        _jpeg(Image.fromarray(photos[i % len(photos)]).convert("RGB").resize(PHONE))
+        for i in range(n)
+    ]
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()

@@ -78,6 +78,15 @@ class Proc:
                 total += t.user + t.system
         return total
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of the server's process tree, by role (`roles`)."""
+        found = dict.fromkeys(ROLES, 0.0)
+        for role, p in roles(psutil.Process(self.popen.pid)):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                found[role] += t.user + t.system
+        return found
+
     def tail(self, n: int = 3000) -> str:
         with contextlib.suppress(OSError):
             return self.log.read_bytes()[-n:].decode(errors="replace")
@@ -97,6 +106,33 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         self._log_file.close()
+
+
+ROLES = ("main", "frontends", "helpers", "engine")
+FRONTEND = "piggyback_serve.server.frontend"  # a front end's command line (server/frontend.py)
+HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker", "torch_shm_manager")
+
+
+def roles(main: psutil.Process) -> list[tuple[str, psutil.Process]]:
+    """Our server's processes by role: `main` (the single-process server, or with
+    --frontends the supervisor and engine service), `frontends` (server/frontend.py's
+    processes), `helpers` (multiprocessing's forkserver and resource trackers, torch's shared-memory
+    manager) and `engine`
+    (the engine workers: the forkserver's children, which inherit its command line)."""
+    out = [("main", main)]
+    for p in main.children(recursive=True):
+        try:
+            cmdline, parent = p.cmdline(), p.parent()
+            helper = _helper(cmdline) and not (parent and _helper(parent.cmdline()))
+        except psutil.Error:
+            continue
+        role = "frontends" if FRONTEND in cmdline else "helpers" if helper else "engine"
+        out.append((role, p))
+    return out
+
+
+def _helper(cmdline: list[str]) -> bool:
+    return any(h in arg for arg in cmdline for h in HELPERS)
 
 
 def start_ours(

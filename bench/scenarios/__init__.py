@@ -53,6 +53,7 @@ PAGES = {
     "decode.md": "Decoding images where it is cheapest",
     "registry_scale.md": "The server against the size of its registry",
     "oip_grpc.md": "The Open Inference Protocol over gRPC against REST",
+    "frontends.md": "HTTP front ends on the CPU",
 }
 
 _LATENCY = ("p50 ms", "p99 ms")
@@ -348,8 +349,8 @@ SCENARIOS: dict[str, Scenario] = {
                         "limit images/CPU-s",
                         "server images/CPU-s",
                         "server images/s",
-                        "parent CPU s",
-                        "workers CPU s",
+                        "outside the engine CPU s",
+                        "engine workers CPU s",
                     ),
                 ),
                 "scaling": Table(
@@ -611,6 +612,57 @@ SCENARIOS: dict[str, Scenario] = {
                 ),
             },
             cuda_only=True,
+        ),
+        Scenario(
+            "frontends",
+            "frontends.md",
+            "Front-end processes (PIGGY_FRONTENDS) and what a front end costs per image",
+            {
+                "images/s, 2 front ends ÷ 1, front-end-bound load (phone photos, 64 px task, "
+                "1 engine worker)": "≥ 1.7",
+                "front-end CPU-ms per image, 224 px task, JPEG photos 451x300-640x427": "≤ 2.5",
+                "front-end CPU-ms per image, 224 px task, 4032x3024 phone photo": "≤ 25",
+                "cores busy at 224 px, 8 clients, 2 cores": "≥ 1.5",
+            },
+            {
+                "summary": Table(
+                    "efficientnet_lite0 (real weights), one synthetic task, 8 clients in a "
+                    "closed loop posting JPEGs; front-end CPU: the server process (or "
+                    "supervisor) plus the front-end processes, per image answered; cores "
+                    "busy: CPU seconds of the whole server tree ÷ wall seconds; median "
+                    "[min–max] over windows",
+                    (
+                        "load",
+                        "front ends",
+                        "input",
+                        "images/s",
+                        "front-end CPU ms/image",
+                        "cores busy",
+                    ),
+                ),
+                "windows": Table(
+                    "Every window: CPU seconds by process role (bench/procs.py `roles`; "
+                    "helpers: forkserver, resource trackers, torch_shm_manager)",
+                    (
+                        "load",
+                        "front ends",
+                        "input",
+                        "window",
+                        "images",
+                        "wall s",
+                        "images/s",
+                        "main CPU s",
+                        "front ends CPU s",
+                        "engine CPU s",
+                        "helpers CPU s",
+                        "front-end ms/image",
+                        "cores busy",
+                        "errors",
+                    ),
+                ),
+            },
+            in_quick=False,
+            cpu_only=True,
         ),
         Scenario(
             "docker",

@@ -5,7 +5,9 @@
 - server ÷ limit, 1 task, HTTP: the real server (a subprocess, PIGGY_* settings), 8
   clients posting PNGs; images per CPU second of ALL the server's processes (the parent
   and its engine worker children) ÷ the limit measured in the same run, interleaved;
-- CPU outside the engine ÷ engine CPU: the parent's CPU ÷ the worker children's, same run;
+- CPU outside the engine ÷ engine CPU: the CPU of every server process but the engine
+  workers (the server process, front ends under --frontends, multiprocessing's forkserver
+  and resource trackers: bench/procs.py's `roles`) ÷ the engine workers', same run;
 - engine pool alone (no HTTP), batches of 8, 2 workers ÷ 1 (wall images/s), and the
   alternative: N in-process workers driven by N threads, 2 threads ÷ 1;
 - a worker SIGKILLed under load: non-200 answers, the server still answering, /readyz
@@ -81,10 +83,11 @@ def limit(module, size: int, seconds: float) -> dict:
 # -- the server over HTTP -----------------------------------------------------------------
 
 
-def cpu_split(proc: procs.Proc) -> tuple[float, float]:
-    """CPU seconds so far of the server's parent and of all its descendants (the workers)."""
-    parent = proc.cpu_s()
-    return parent, proc.cpu_s(children=True) - parent
+def cpu_split(proc: procs.Proc) -> tuple[float, float, float]:
+    """CPU seconds so far outside the engine (the server process, any front ends and
+    multiprocessing's helpers), of the engine workers, and of the helpers alone."""
+    cpu = proc.cpu_by_role()
+    return cpu["main"] + cpu["frontends"] + cpu["helpers"], cpu["engine"], cpu["helpers"]
 
 
 def start_server(
@@ -111,9 +114,9 @@ def start_server(
 
 def http_side(proc, choose, clients: int, seconds: float, warmup_s: float) -> dict:
     loadgen.run(proc.port, choose, clients, 2000, warmup_s, seed=99)
-    p0, c0 = cpu_split(proc)
+    p0, c0, h0 = cpu_split(proc)
     res = loadgen.run(proc.port, choose, clients, MAX_STEPS, seconds)
-    p1, c1 = cpu_split(proc)
+    p1, c1, h1 = cpu_split(proc)
     parent, children = p1 - p0, c1 - c0
     return {
         "images": res.images,
@@ -121,6 +124,7 @@ def http_side(proc, choose, clients: int, seconds: float, warmup_s: float) -> di
         "images_per_cpu_s": res.images / (parent + children) if parent + children else None,
         "parent_cpu_s": parent,
         "workers_cpu_s": children,
+        "helpers_cpu_s": h1 - h0,  # counted in parent_cpu_s
         "errors": dict(res.errors),
         "p50_ms": res.p(50),
     }
