@@ -139,6 +139,32 @@ def test_training_decodes_a_file_as_the_server_decodes_an_upload(tmp_path, phone
     assert torch.equal(trained, data.normalise(served, mean, std))
 
 
+def test_training_on_a_device_decodes_its_jpeg_files_there_as_the_engine_does(tmp_path):
+    """preprocess_all(decode_device=...) (what training on CUDA passes): JPEG files through
+    decode_jpegs_on_device, other files through the CPU path; here the device is the CPU."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    paths = []
+    for i, size in enumerate([(451, 300), (300, 451), (640, 427)]):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(jpeg(photo(size)))
+        paths.append(path)
+    png = folder / "3.png"
+    photo().save(png)
+    paths.append(png)
+    split = data.Split(np.array(paths, dtype=object), np.array([0, 1, 0, 1]))
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    on_cpu = data.preprocess_all(split, 64, mean, std)
+    on_device = data.preprocess_all(split, 64, mean, std, decode_device="cpu")
+    for i, path in enumerate(paths[:3]):
+        pixels, failed = decode_jpegs_on_device([path.read_bytes()], 64, "cpu")
+        assert not failed
+        assert torch.equal(on_device.tensors[0][i], data.normalise(pixels[0], mean, std))
+        assert mean_abs(on_device.tensors[0][i], on_cpu.tensors[0][i]) < 4 / 255 * 2
+    assert torch.equal(on_device.tensors[0][3], on_cpu.tensors[0][3])  # the PNG: CPU path
+    assert torch.equal(on_device.tensors[1], on_cpu.tensors[1])
+
+
 # ---------------------------------------------------------------------------------------
 # decode_jpegs_on_device, on the CPU
 

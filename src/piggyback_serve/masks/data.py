@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from piggyback_serve.masks.decode import open_image
+from piggyback_serve.masks.decode import decode_jpegs_on_device, is_jpeg, open_image
 from piggyback_serve.masks.decode import upright as upright  # still importable from here
 from piggyback_serve.masks.errors import MasksError
 
@@ -219,8 +219,32 @@ def load_dataset(source: str, seed: int = 0) -> LabelledData:
     )
 
 
-def preprocess_all(split: Split, size: int, mean, std) -> torch.utils.data.TensorDataset:
-    """Preprocess a whole (small) split once: training then costs only forwards."""
+def preprocess_all(
+    split: Split, size: int, mean, std, decode_device: torch.device | str | None = None
+) -> torch.utils.data.TensorDataset:
+    """Preprocess a whole (small) split once: training then costs only forwards.
+
+    With `decode_device` (the CUDA device a task trains on), JPEG files decode there in
+    batches, as the server's engine decodes uploads on its device (`decode_jpegs_on_device`);
+    a file the device cannot decode, and every other image, goes through `as_image`."""
     dataset = TensorImages(split, size, mean, std)
-    xs = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return torch.utils.data.TensorDataset(xs, torch.as_tensor(split.targets))
+    if decode_device is None:
+        xs = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        return torch.utils.data.TensorDataset(xs, torch.as_tensor(split.targets))
+    rows: list[torch.Tensor | None] = [None] * len(dataset)
+    files = [i for i, item in enumerate(split.images) if isinstance(item, str | Path)]
+    blobs = {i: Path(split.images[i]).read_bytes() for i in files}
+    jpegs = [i for i in files if is_jpeg(blobs[i])]
+    for start in range(0, len(jpegs), DEVICE_DECODE_BATCH):
+        chunk = jpegs[start : start + DEVICE_DECODE_BATCH]
+        pixels, failed = decode_jpegs_on_device([blobs[i] for i in chunk], size, decode_device)
+        for j, i in enumerate(chunk):
+            if j not in failed:
+                rows[i] = normalise(pixels[j].cpu(), mean, std)
+    for i, row in enumerate(rows):
+        if row is None:
+            rows[i] = dataset[i][0]
+    return torch.utils.data.TensorDataset(torch.stack(rows), torch.as_tensor(split.targets))
+
+
+DEVICE_DECODE_BATCH = 64  # JPEGs per device decode when preprocessing a split

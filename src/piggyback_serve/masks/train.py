@@ -135,7 +135,10 @@ def train(
     device = resolve_device(config.device)
     backbone.module.to(device)
     model = build_model(backbone, len(data.labels), config).to(device)
-    train_set = preprocess_all(data.train, config.input_size, backbone.mean, backbone.std)
+    decode_on = device if device.type == "cuda" else None  # as the server decodes there
+    train_set = preprocess_all(
+        data.train, config.input_size, backbone.mean, backbone.std, decode_on
+    )
     step_model = model
     if isinstance(model, _ClassifierOnly):
         # The backbone is frozen (BN too): its features are computed once, not every epoch.
@@ -238,7 +241,8 @@ def evaluate(
     """Top-1 accuracy on the held-out split."""
     device = device or resolve_device(config.device)
     model.eval()
-    test_set = preprocess_all(data.test, config.input_size, backbone.mean, backbone.std)
+    decode_on = device if torch.device(device).type == "cuda" else None
+    test_set = preprocess_all(data.test, config.input_size, backbone.mean, backbone.std, decode_on)
     correct = 0
     for x, y in torch.utils.data.DataLoader(test_set, batch_size=128):
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
