@@ -600,6 +600,8 @@ SCENARIOS: dict[str, Scenario] = {
             {
                 "task switch ÷ batch-1 forward": "≤ 0.05",
                 "engine ÷ plain model, one task, in-process": "≥ 0.97",
+                "images/s from JPEG photos over HTTP ÷ the plain model's on the same GPU "
+                "(eager, fp16, best batch), 224 px": "≥ 0.5",
             },
             {
                 "mixed": Table(
@@ -607,8 +609,22 @@ SCENARIOS: dict[str, Scenario] = {
                     ("backbone", "mix", "per-task", "one-pass", "corrections", "segments", "best"),
                 ),
                 "http": Table(
-                    "Over HTTP, one engine worker per device",
-                    ("backbone", "server images/s", "p50 ms", "errors"),
+                    "Over HTTP: the server (default front ends, fp16, max batch the plain "
+                    "model's best) fed JPEG photos, 8 a request, by 4 load generators of 32 "
+                    "connections, against the plain model (eager, fp16, channels_last, inputs "
+                    "on the GPU) at its best batch; per repeat, interleaved",
+                    (
+                        "backbone",
+                        "tasks",
+                        "front ends",
+                        "plain best batch",
+                        "plain images/s",
+                        "server images/s",
+                        "server ÷ plain",
+                        "p50 ms (a request)",
+                        "images",
+                        "errors",
+                    ),
                 ),
             },
             cuda_only=True,
@@ -642,7 +658,8 @@ SCENARIOS: dict[str, Scenario] = {
                 ),
                 "windows": Table(
                     "Every window: CPU seconds by process role (bench/procs.py `roles`; "
-                    "helpers: forkserver, resource trackers, torch_shm_manager)",
+                    "helpers: forkserver, resource trackers, torch_shm_manager); the load "
+                    "generator's cores and the rest of the machine's (other tenants)",
                     (
                         "load",
                         "front ends",
@@ -657,6 +674,8 @@ SCENARIOS: dict[str, Scenario] = {
                         "helpers CPU s",
                         "front-end ms/image",
                         "cores busy",
+                        "load generator cores",
+                        "other processes' cores",
                         "errors",
                     ),
                 ),

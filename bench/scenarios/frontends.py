@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from bench import fixtures, loadgen, procs
 from bench.fixtures import Config
 from bench.stats import Spread, ratios
@@ -65,18 +67,33 @@ def window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) 
     reqs = [loadgen.Request.post(f"/predict?task={task}", b, "image/jpeg") for b in bodies]
     choose = lambda rng: rng.choice(reqs)  # noqa: E731
     loadgen.run(proc.port, choose, clients, 500, min(2.0, seconds / 4), seed=99)
-    cpu0, t0 = proc.cpu_by_role(), time.perf_counter()
+    cpu0, own0, busy0, t0 = proc.cpu_by_role(), _own(), _busy(), time.perf_counter()
     res = loadgen.run(proc.port, choose, clients, MAX_REQUESTS, seconds).check()
-    cpu1, wall = proc.cpu_by_role(), time.perf_counter() - t0
+    cpu1, own1, busy1 = proc.cpu_by_role(), _own(), _busy()
+    wall = time.perf_counter() - t0
     cpu = {role: cpu1[role] - cpu0[role] for role in cpu1}
     return {
         "images": res.images,
         "wall_s": wall,
         "images_per_s": res.images_per_s,
         "cpu_s": cpu,
+        # the load generator (this process), and whatever else ran on the machine meanwhile
+        "client_cores": (own1 - own0) / wall,
+        "others_cores": (busy1 - busy0 - (own1 - own0) - sum(cpu.values())) / wall,
         "errors": sum(res.errors.values()),
         "p50_ms": res.p(50),
     }
+
+
+def _own() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def _busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def frontend_ms(w: dict) -> float:
@@ -203,6 +220,7 @@ def summarize(raw: dict) -> dict:
                         [load, side or case, "phone" if load == "front-end-bound" else case,
                          i, w["images"], w["wall_s"], w["images_per_s"], c["main"],
                          c["frontends"], c["engine"], c["helpers"], frontend_ms(w),
-                         cores_busy(w), w["errors"]]
+                         cores_busy(w), w.get("client_cores"), w.get("others_cores"),
+                         w["errors"]]
                     )  # fmt: skip
     return {"figures": figures, "tables": {"summary": summary, "windows": windows}}

@@ -35,6 +35,12 @@ def test_gpu_scenario_quick_on_cpu(quick_ctx):
     names = {f["figure"] for f in found["figures"]}
     assert {"task switch ÷ batch-1 forward", "engine ÷ plain model, one task, in-process"} <= names
     assert [row[1] for row in found["tables"]["mixed"]] == ["1x4", "2x2", "4x1"]
+    http = bed["http"]
+    assert http["one"][0]["images"] > 0 and http["many"][0]["images"] > 0
+    assert not http["one"][0]["errors"] and not http["many"][0]["errors"]
+    ons = {f["on"] for f in found["figures"] if f["figure"] == gpu.FIGURE}
+    assert ons == {"resnet18, 1 task", "resnet18, 3 tasks"}
+    assert len(found["tables"]["http"]) == 2
 
 
 def test_figures_from_http_results(multitask_http):
