@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from piggyback_serve.masks import artifact as artifacts
-from tests.server.server_support import TASKS, make_artifact, png
+from tests.server.server_support import TASKS, make_artifact, metric, png
 from tests.server.test_e2e import command, free_port, piggy_serve
 
 pytestmark = pytest.mark.slow
@@ -61,9 +61,11 @@ def test_front_ends_answer_as_one_server(tmp_path, registry_dir, reference):
         url = str(client.base_url).rstrip("/")
         assert len(front_ends(url)) == 2
         seen: set[str] = set()
+        sent = dict.fromkeys(TASKS[:2], 0)
         for _ in range(5):  # connections spread by the kernel: a few rounds reach both
             for task in TASKS[:2]:
                 answers = spread(url, task)
+                sent[task] += len(answers)
                 for i, r in enumerate(answers):
                     assert r.status_code == 200, r.text
                     reference.check(task, png(500 + i), r.json()["results"][0])
@@ -76,6 +78,13 @@ def test_front_ends_answer_as_one_server(tmp_path, registry_dir, reference):
         for _ in range(10):
             pids.add(tuple(w["pid"] for w in httpx.get(f"{url}/readyz").json()["workers"]))
         assert len(pids) == 1
+        # /metrics of either front end counts the requests of both, and the engine's batches.
+        for _ in range(4):
+            text = httpx.get(f"{url}/metrics").text
+            for task, count in sent.items():
+                labels = dict(route="/predict", task=task, status="200")
+                assert metric(text, "piggy_requests_total", **labels) == count
+            assert metric(text, "piggy_batch_size_sum") == sum(sent.values())
 
 
 def test_a_task_uploaded_through_one_front_end_is_served_by_all(tmp_path, registry_dir, backbone):

@@ -115,9 +115,15 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    settings = settings_from(args)
+    count = 1 if args.ray else frontend_count(settings)
+    workspace = None
+    if count > 1:  # before the app (and prometheus_client) is imported: see metrics.py
+        from piggyback_serve.server.frontends import make_workspace
+
+        workspace = make_workspace()
     from piggyback_serve.server.app import create_app
 
-    settings = settings_from(args)
     if not args.ray:  # bound first: a busy port fails at once, not after the demo loads
         try:
             sock = listen_socket(settings.host, settings.port)
@@ -148,11 +154,10 @@ def _main(argv: list[str] | None) -> int:
             args.replica_cpus or 1.0,
             args.log_level,
         )
-    count = frontend_count(settings)
-    if count > 1:
+    if workspace is not None:
         from piggyback_serve.server.frontends import Supervisor
 
-        return Supervisor(settings, sock, backbone, count, args.log_level).run()
+        return Supervisor(settings, sock, backbone, count, args.log_level, workspace).run()
     return serve(create_app(settings, backbone), sock, args.log_level)
 
 

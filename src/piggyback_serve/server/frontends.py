@@ -23,16 +23,31 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from piggyback_serve.masks.backbones import Backbone
-from piggyback_serve.server.app import close, services_for, start
-from piggyback_serve.server.service_socket import ServiceSocket
 from piggyback_serve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from piggyback_serve.masks.backbones import Backbone
+
+# prometheus_client's multiprocess mode: read when it is first imported, so set before the
+# app is (this module imports it only once running).
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0  # before replacing a front end that exited
 DRAIN_MARGIN_S = 10.0  # past the request timeout, a front end still draining is killed
+
+
+def make_workspace() -> Path:
+    """A private folder for the engine service's socket and the metrics' shared files;
+    PROMETHEUS_MULTIPROC_DIR points into it from now on, for this process and the front
+    ends it starts (server/metrics.py). Call it before prometheus_client is imported."""
+    folder = Path(tempfile.mkdtemp(prefix="piggy-serve-"))
+    (folder / "metrics").mkdir()
+    os.environ[MULTIPROCESS_DIR] = str(folder / "metrics")
+    return folder
 
 
 class Supervisor:
@@ -43,11 +58,12 @@ class Supervisor:
         backbone: Backbone | None,
         count: int,
         log_level: str,
+        workspace: Path,
     ):
         self.settings, self.sock, self.backbone = settings, sock, backbone
         self.count, self.log_level = count, log_level
         self.processes: dict[int, asyncio.subprocess.Process] = {}  # slot -> process
-        self._folder = Path(tempfile.mkdtemp(prefix="piggy-engine-"))
+        self._folder = workspace
         self.address = str(self._folder / "engine.sock")
 
     def run(self) -> int:
@@ -57,6 +73,9 @@ class Supervisor:
             shutil.rmtree(self._folder, ignore_errors=True)
 
     async def _run(self) -> int:
+        from piggyback_serve.server.app import close, services_for, start
+        from piggyback_serve.server.service_socket import ServiceSocket
+
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,13 +1,22 @@
-"""Prometheus metrics, one CollectorRegistry per app (no process-global state)."""
+"""Prometheus metrics, one CollectorRegistry per app (no process-global state).
+
+With several front ends (server/frontends.py) each process counts in files under
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set by the supervisor
+before anything imports prometheus_client), and a scrape of any front end reads them all:
+requests of every front end, batches of the engine service."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from piggyback_serve.server.frontends import MULTIPROCESS_DIR
 
 # The `task` label of a request that named no known task: not a valid task name, so it can't
 # be mistaken for one, and random names in requests add no label values.
@@ -20,6 +29,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if shared := os.environ.get(MULTIPROCESS_DIR):
+            # Values live in the shared files: the collector reads every process's.
+            MultiProcessCollector(self.registry, path=shared)
+            r = None
         self.requests = Counter(
             "piggy_requests",
             "HTTP requests by route, task and status",
