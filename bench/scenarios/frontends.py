@@ -38,6 +38,8 @@ SMALL = Config("efficientnet_lite0", None, 64, BATCH, CLIENTS)
 LARGE = Config("efficientnet_lite0", None, 224, BATCH, CLIENTS)
 QUICK = Config("resnet18", "random", 32, 4, 4)
 MAX_REQUESTS = 20_000  # per window, whatever its length
+QUIET_WAIT_S = 15.0  # before a window, for the machine's other tenants to go quiet
+QUIET_CORES = 0.3
 
 RATIO = (
     "images/s, 2 front ends ÷ 1, front-end-bound load (phone photos, 64 px task, 1 engine worker)"
@@ -66,6 +68,7 @@ def window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) 
     task = fixtures.task_name(0)
     reqs = [loadgen.Request.post(f"/predict?task={task}", b, "image/jpeg") for b in bodies]
     choose = lambda rng: rng.choice(reqs)  # noqa: E731
+    quiet = wait_quiet()
     loadgen.run(proc.port, choose, clients, 500, min(2.0, seconds / 4), seed=99)
     cpu0, own0, busy0, t0 = proc.cpu_by_role(), _own(), _busy(), time.perf_counter()
     res = loadgen.run(proc.port, choose, clients, MAX_REQUESTS, seconds).check()
@@ -80,9 +83,24 @@ def window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) 
         # the load generator (this process), and whatever else ran on the machine meanwhile
         "client_cores": (own1 - own0) / wall,
         "others_cores": (busy1 - busy0 - (own1 - own0) - sum(cpu.values())) / wall,
+        "quiet_before": quiet,
         "errors": sum(res.errors.values()),
         "p50_ms": res.p(50),
     }
+
+
+def wait_quiet(max_s: float = QUIET_WAIT_S, below: float = QUIET_CORES) -> float:
+    """Wait (at most `max_s`) for a second in which the machine is busy less than `below`
+    cores: the machine is shared, and a window next to another tenant's work measures it.
+    The cores busy in the last second waited."""
+    deadline = time.perf_counter() + max_s
+    while True:
+        busy0, t0 = _busy(), time.perf_counter()
+        time.sleep(1.0)
+        cores = (_busy() - busy0) / (time.perf_counter() - t0)
+        if cores < below or time.perf_counter() > deadline:
+            return cores
+        time.sleep(1.0)
 
 
 def _own() -> float:
