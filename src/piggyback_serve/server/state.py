@@ -95,6 +95,19 @@ class Services:
         ready = await self.require_catalog().resident(task)
         return ready, await self.batcher.submit_within(ready, rows, started, timeout_s)
 
+    def failed(self) -> dict[str, str]:
+        """Tasks listed but not served (name -> why): what the catalog found invalid, and
+        where an engine service builds the states, what it found invalid on first use."""
+        found = dict(self.remote.failed) if self.remote is not None else {}
+        if self.catalog is not None:
+            found.update(self.catalog.failed)
+        return found
+
+    def tasks_loaded(self) -> int:
+        """Task states ready in host memory (the engine service's, where there is one)."""
+        host = self.tiers().get("host")
+        return host.resident if host is not None else 0
+
     def tiers(self) -> dict[str, TierStats]:
         """Each tier of task states: host (the catalog's), device (the workers', summed)."""
         found = {"host": self.catalog.host.stats()} if self.catalog else {}
@@ -115,7 +128,7 @@ class Services:
             "mixed_batches": sum(w.mixed for w in workers),
             "task_state_bytes": self.tiers()["host"].bytes if "host" in self.tiers() else 0,
             "tiers": self.tiers(),
-            "tasks_failed": len(catalog.failed) if catalog else 0,
+            "tasks_failed": len(self.failed()),
             "device_task_state_bytes": engine.device_state_bytes,
             "working_copy_bytes": engine.working_copy_bytes,
             "tasks_registered": len(tasks),

@@ -41,9 +41,9 @@ async def readyz(svc: ServicesDep):
         backbone=engine.backbone.name,
         registry=svc.registry.url,
         tasks=len(catalog.tasks),
-        tasks_loaded=len(catalog.host.states),
-        tasks_failed=len(catalog.failed),
-        failed=dict(sorted(catalog.failed.items())[:SHOWN_FAILURES]),
+        tasks_loaded=svc.tasks_loaded(),
+        tasks_failed=len(failed := svc.failed()),
+        failed=dict(sorted(failed.items())[:SHOWN_FAILURES]),
         workers=engine.workers(),
     )
 
