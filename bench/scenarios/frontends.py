@@ -4,6 +4,9 @@ Every server here is our server (a subprocess, bench/procs.py) serving one synth
 on the demo backbone, efficientnet_lite0 with its real weights; 8 clients in a closed loop
 (throughput, not latency) post JPEGs to /predict; every window is bounded in time and in
 requests, and CPU is read per process role (bench/procs.py's `roles`) before and after it.
+The machine may be shared: before a window we wait (at most 15 s) for it to go quiet, and a
+window in which other processes kept over 0.3 cores busy is measured again (within a
+budget); every window records the cores the load generator and the other processes used.
 
 - front-end-bound load: a 64 px task, one engine worker, 4032x3024 phone photos (the
   natural photos upscaled, made at run time), PIGGY_FRONTENDS=1 (the single-process server)
@@ -40,6 +43,7 @@ QUICK = Config("resnet18", "random", 32, 4, 4)
 MAX_REQUESTS = 20_000  # per window, whatever its length
 QUIET_WAIT_S = 15.0  # before a window, for the machine's other tenants to go quiet
 QUIET_CORES = 0.3
+RETRY_BUDGET_S = 240.0  # windows measured again next to other tenants' work, in all
 
 RATIO = (
     "images/s, 2 front ends ÷ 1, front-end-bound load (phone photos, 64 px task, 1 engine worker)"
@@ -64,15 +68,31 @@ def start(workdir: Path, cfg: Config, backbone, tag: str, env: dict[str, str]) -
 
 
 def window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """One closed-loop window after a short warm-up: images, wall, CPU by role."""
+    """One closed-loop window after a short warm-up: images, wall, CPU by role. A window
+    in which other processes kept more than QUIET_CORES busy is measured again, while the
+    scenario's retry budget lasts; the windows set aside are kept in `set_aside`."""
+    set_aside = []
+    while True:
+        w = _window(proc, bodies, clients, seconds)
+        if w["others_cores"] <= QUIET_CORES or time.perf_counter() > _retry_until[0]:
+            return {**w, "set_aside": set_aside}
+        set_aside.append(w)
+        _log(f"window set aside: other processes kept {w['others_cores']:.2f} cores busy")
+
+
+_retry_until = [0.0]  # perf_counter time past which no window is measured again
+
+
+def _window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) -> dict:
     task = fixtures.task_name(0)
     reqs = [loadgen.Request.post(f"/predict?task={task}", b, "image/jpeg") for b in bodies]
     choose = lambda rng: rng.choice(reqs)  # noqa: E731
-    quiet = wait_quiet()
+    quiet = procs.wait_quiet(QUIET_WAIT_S, QUIET_CORES)
     loadgen.run(proc.port, choose, clients, 500, min(2.0, seconds / 4), seed=99)
-    cpu0, own0, busy0, t0 = proc.cpu_by_role(), _own(), _busy(), time.perf_counter()
+    cpu0, own0, busy0 = proc.cpu_by_role(), _own(), procs.machine_busy_s()
+    t0 = time.perf_counter()
     res = loadgen.run(proc.port, choose, clients, MAX_REQUESTS, seconds).check()
-    cpu1, own1, busy1 = proc.cpu_by_role(), _own(), _busy()
+    cpu1, own1, busy1 = proc.cpu_by_role(), _own(), procs.machine_busy_s()
     wall = time.perf_counter() - t0
     cpu = {role: cpu1[role] - cpu0[role] for role in cpu1}
     return {
@@ -89,29 +109,9 @@ def window(proc: procs.Proc, bodies: list[bytes], clients: int, seconds: float) 
     }
 
 
-def wait_quiet(max_s: float = QUIET_WAIT_S, below: float = QUIET_CORES) -> float:
-    """Wait (at most `max_s`) for a second in which the machine is busy less than `below`
-    cores: the machine is shared, and a window next to another tenant's work measures it.
-    The cores busy in the last second waited."""
-    deadline = time.perf_counter() + max_s
-    while True:
-        busy0, t0 = _busy(), time.perf_counter()
-        time.sleep(1.0)
-        cores = (_busy() - busy0) / (time.perf_counter() - t0)
-        if cores < below or time.perf_counter() > deadline:
-            return cores
-        time.sleep(1.0)
-
-
 def _own() -> float:
     t = psutil.Process().cpu_times()
     return t.user + t.system
-
-
-def _busy() -> float:
-    """CPU seconds the whole machine has been busy (every core, every process)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def frontend_ms(w: dict) -> float:
@@ -165,11 +165,12 @@ def costs(work: Path, cfg: Config, backbone, inputs, repeats: int, seconds: floa
 def measure(ctx) -> dict:
     o = ctx.options
     quick = o.quick
-    repeats = max(2, o.repeats) if quick else max(4, o.repeats)
+    repeats = max(2, o.repeats) if quick else max(3, o.repeats)
     seconds = o.window_s if quick else max(6.0, o.window_s)
     small, large = (QUICK, QUICK) if quick else (SMALL, LARGE)
     phone = fixtures.phone_jpegs(1 if quick else 4)
     out: dict = {"clients": CLIENTS, "repeats": repeats, "window_s": seconds}
+    _retry_until[0] = time.perf_counter() + (0 if quick else RETRY_BUDGET_S)
     with tempfile.TemporaryDirectory(prefix="piggy-frontends-") as tmp:
         work = Path(tmp)
         backbone = fixtures.backbone_for(small)
@@ -181,7 +182,7 @@ def measure(ctx) -> dict:
         inputs = {"photos": fixtures.photo_jpegs(), "phone": phone}
         out["costs"] = {
             "config": large.label,
-            "runs": costs(work, large, backbone, inputs, max(2, repeats - 1), seconds),
+            "runs": costs(work, large, backbone, inputs, repeats, seconds),
         }
     return out
 

@@ -12,7 +12,8 @@
   alternative: N in-process workers driven by N threads, 2 threads ÷ 1;
 - a worker SIGKILLed under load: non-200 answers, the server still answering, /readyz
   showing the worker replaced.
-Every loop is bounded in count and time; traffic goes to 127.0.0.1 only.
+Before each server window and each pool rate it waits (at most 15 s) for the shared machine
+to go quiet. Every loop is bounded in count and time; traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def start_server(
 
 
 def http_side(proc, choose, clients: int, seconds: float, warmup_s: float) -> dict:
+    procs.wait_quiet()  # the machine is shared: let other tenants' work pass, within bounds
     loadgen.run(proc.port, choose, clients, 2000, warmup_s, seed=99)
     p0, c0, h0 = cpu_split(proc)
     res = loadgen.run(proc.port, choose, clients, MAX_STEPS, seconds)
@@ -218,6 +220,7 @@ def scaling(backbone, cfg: Config, workdir: Path, repeats: int, seconds: float) 
     try:
         for r in range(repeats):
             for n in (1, 2) if r % 2 == 0 else (2, 1):
+                procs.wait_quiet()
                 out["pool"][n].append(pool_rate(backbone, cfg, workdir, n, seconds))
                 out["threads"][n].append(thread_rate(backbone, cfg, workdir, n, seconds))
     finally:
