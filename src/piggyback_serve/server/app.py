@@ -148,7 +148,7 @@ async def start(svc: Services) -> None:
     await catalog.refresh()
     svc.catalog = catalog
     if svc.remote is not None:
-        svc.remote.on_task_changed = catalog.changed_elsewhere
+        svc.remote.reload = catalog.reload
     log.info(
         "ready: backbone %s, %d engine workers on %s, %d tasks from %s (%d invalid), "
         "task states kept up to %d MB in host memory",

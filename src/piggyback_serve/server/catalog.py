@@ -34,7 +34,7 @@ from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
 from piggyback_serve.server.open_files import explain
-from piggyback_serve.server.protocol import BackboneInfo, TaskChanged
+from piggyback_serve.server.protocol import BackboneInfo
 from piggyback_serve.server.registry import Entry, Registry, RegistryError
 
 log = logging.getLogger("piggy.serve")
@@ -79,7 +79,7 @@ Prepare = Callable[[TaskArtifact], TaskState]
 class EngineService(Protocol):
     """What a front end's catalog asks of the engine service (server/engine_client.py)."""
 
-    async def store(self, name: str, data: bytes) -> Task: ...
+    async def store(self, name: str, data: bytes) -> str: ...
 
     async def delete(self, name: str) -> bool: ...
 
@@ -145,7 +145,9 @@ class Catalog:
         if found is None:
             self._forget(entry.name)
             return
-        data, entry = found
+        self._list(*found)
+
+    def _list(self, data: bytes, entry: Entry) -> None:
         try:
             header = parse_header(data, self.backbone)
         except ArtifactError as exc:
@@ -240,12 +242,21 @@ class Catalog:
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         raise self.not_found(name)
 
-    def changed_elsewhere(self, change: TaskChanged) -> None:
-        """Another front end uploaded (`change.task`) or deleted a task: list it so now."""
-        if change.task is None:
-            self._forget(change.name)
-        elif (known := self.tasks.get(change.name)) is None or known.version != change.task.version:
-            self._remember(change.task)
+    async def reload(self, name: str) -> Task | None:
+        """Read task `name` again from the registry now (its header): listed, replaced, or
+        forgotten if it is gone. For a front end told of a change by the engine service."""
+        async with self._lock:
+            try:
+                found = await self.registry.read_header(name)
+            except RegistryError as exc:
+                raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+            if found is None:
+                self._forget(name)
+                return None
+            known = self.tasks.get(name)
+            if known is None or known.version != found[1].version:
+                self._list(*found)
+            return self.tasks.get(name)
 
     def rescan_soon(self) -> None:
         """Rescan in the background unless a rescan started less than `rescan_s` ago (the
@@ -281,9 +292,10 @@ class Catalog:
     async def put(self, name: str, data: bytes) -> Task:
         """Validate, then store: an invalid artifact never reaches the registry."""
         if self.remote is not None:  # the service validates, stores and builds
-            task = await self.remote.store(name, data)
-            async with self._lock:
-                self._remember(task)
+            await self.remote.store(name, data)
+            task = await self.reload(name)
+            if task is None:  # deleted again at once, through another front end
+                raise self.not_found(name)
             return task
         art, state = await asyncio.to_thread(self._build, data)
         async with self._lock:

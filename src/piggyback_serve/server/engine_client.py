@@ -17,12 +17,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import torch
 
 from piggyback_serve.server.arena import Arena, ArenaFull, Row
-from piggyback_serve.server.engine.pool import WorkerInfo
 from piggyback_serve.server.engine.tier import TierStats
 from piggyback_serve.server.errors import NotReady, Overloaded, ServeError, Timeout, rebuilt
 from piggyback_serve.server.protocol import (
@@ -34,10 +33,12 @@ from piggyback_serve.server.protocol import (
     EngineStatus,
     Hello,
     Refused,
+    Reloaded,
     Stored,
     StoreTask,
     Submit,
     TaskChanged,
+    WorkerInfo,
     probs_from_bytes,
     read,
     write,
@@ -57,13 +58,15 @@ class EngineClient:
         self.address = address
         self.arena = Arena()
         self.status: EngineStatus | None = None
-        self.on_task_changed: Callable[[TaskChanged], None] = lambda change: None
+        # The front end's catalog, read again for one task (Catalog.reload), set at start.
+        self.reload: Callable[[str], Awaitable[object]] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._listening: asyncio.Task | None = None
         self._status_changed = asyncio.Event()
+        self._reloading: set[asyncio.Task] = set()
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -177,13 +180,20 @@ class EngineClient:
             for ref in refs:
                 self.arena.free(ref)
         probs = [torch.from_numpy(probs_from_bytes(p)) for p in answer.probs]
-        return answer.task or task, probs
+        if answer.version != task.version:  # the service runs a version not listed here
+            task = await self.reload(task.name) if self.reload else None
+            if task is None or task.version != answer.version:
+                raise NotReady(
+                    f"task {message.task!r} changed while this request ran; retry",
+                    {"Retry-After": "1"},
+                )
+        return task, probs
 
-    async def store(self, name: str, data: bytes):
-        """PUT /tasks/{name} through the service: its Task (header only)."""
+    async def store(self, name: str, data: bytes) -> str:
+        """PUT /tasks/{name} through the service: the stored artifact's version."""
         request_id = next(self._ids)
         stored = await self._request(request_id, StoreTask(request_id, name, data))
-        return stored.task
+        return stored.version
 
     async def delete(self, name: str) -> bool:
         request_id = next(self._ids)
@@ -223,12 +233,23 @@ class EngineClient:
             case EngineStatus():
                 self.status = message
                 self._status_changed.set()
-            case TaskChanged():
-                self.on_task_changed(message)
+            case TaskChanged(change_id, name):
+                task = asyncio.create_task(self._reload(change_id, name))
+                self._reloading.add(task)
+                task.add_done_callback(self._reloading.discard)
             case Answer(request_id) | Stored(request_id) | Deleted(request_id):
                 self._resolve(request_id, message, None)
             case Refused(request_id, status, code, text, headers):
                 self._resolve(request_id, None, rebuilt(status, code, text, headers))
+
+    async def _reload(self, change_id: int, name: str) -> None:
+        try:
+            if self.reload is not None:
+                await self.reload(name)
+        except Exception:  # the registry is down: the catalog's watcher catches up later
+            log.exception("task %s changed, and could not be read again", name)
+        with contextlib.suppress(Exception):
+            await self._send(Reloaded(change_id))
 
     def _resolve(self, request_id: int, result, error: ServeError | None) -> None:
         future = self._pending.get(request_id)

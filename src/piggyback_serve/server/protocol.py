@@ -2,23 +2,26 @@
 
 Two boundaries:
 - the engine pool and its workers (server/engine/pool.py ⇄ server/engine/process.py), over
-  one pipe per worker;
+  one multiprocessing pipe per worker (task states travel as torch's shared-memory handles,
+  the file_system strategy, not their data);
 - front ends and the engine service (server/engine_client.py ⇄ server/service_socket.py),
-  over a Unix socket, framed by `write`/`read` below.
+  over a Unix socket: each message JSON, typed by its class and checked on arrival
+  (pydantic), its bytes fields sent raw after it (`write`/`read` below). No pickle.
 Pixels never travel in a message: they sit in shared memory (server/arena.py) and a message
-carries `PixelRef`s. Probabilities come back as float32 bytes. Task states travel as
-torch's shared-memory handles (the file_system strategy), not their data.
+carries `PixelRef`s. Probabilities come back as float32 bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import dataclasses
+import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter
 
 TaskKey = tuple[str, str]  # (name, version)
 
@@ -98,6 +101,36 @@ class StartFailed:
 
 
 @dataclass(frozen=True)
+class TierStats:
+    """A tier as /metrics shows it (summed over workers for the device tier)."""
+
+    resident: int = 0
+    bytes: int = 0
+    budget: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    def __add__(self, other: TierStats) -> TierStats:
+        return TierStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as /readyz (its JSON body, server/schemas.py) and /metrics show it."""
+
+    index: int
+    device: str
+    pid: int | None
+    state: str  # starting, ready, failed, stopped
+    busy: bool
+    batches: int
+    switches: int
+    mixed: int
+    restarts: int
+
+
+@dataclass(frozen=True)
 class WorkerReport:
     """A worker's counters, sent with every answer."""
 
@@ -106,7 +139,7 @@ class WorkerReport:
     mixed: int
     patched: TaskKey | None  # the task its working copy runs now
     device_state_bytes: int
-    device_tier: Any = None  # TierStats where it copies states to the device, else None
+    device_tier: TierStats | None = None  # where it copies states to the device
 
 
 @dataclass(frozen=True)
@@ -157,8 +190,7 @@ class Cancel:
 class Answer:
     request_id: int
     probs: tuple[bytes, ...]
-    task: Any = None  # the catalog's Task (header) that answered, where it is not the
-    # version the front end named (the service had a newer one): its labels apply
+    version: str  # the task's version that answered (the service may know a newer one)
 
 
 @dataclass(frozen=True)
@@ -190,7 +222,7 @@ class DeleteTask:
 @dataclass(frozen=True)
 class Stored:
     request_id: int
-    task: Any  # server/catalog.py's Task, header only (no state)
+    version: str  # the registry's version of the stored artifact
 
 
 @dataclass(frozen=True)
@@ -201,12 +233,16 @@ class Deleted:
 
 @dataclass(frozen=True)
 class TaskChanged:
-    """A task was uploaded (`task`: its catalog Task, header only) or deleted (None)
-    through one front end: every other front end lists it so before the upload is
-    answered."""
+    """A task was uploaded or deleted through another front end: read it again from the
+    registry, then say `Reloaded`, before the upload or delete is answered."""
 
+    change_id: int
     name: str
-    task: Any = None
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    change_id: int
 
 
 @dataclass(frozen=True)
@@ -225,28 +261,80 @@ class EngineStatus:
     startup_error: str | None
     backbone: BackboneInfo | None
     device: str
-    workers: tuple[Any, ...]  # WorkerInfo (server/engine/pool.py)
+    workers: tuple[WorkerInfo, ...]
     working_copy_bytes: int
     device_state_bytes: int
-    device_tier: Any  # TierStats | None
-    host_tier: Any  # TierStats | None
+    device_tier: TierStats | None
+    host_tier: TierStats | None
     queue_depth: int
     failed: dict[str, str]  # tasks whose artifact the service found invalid
 
 
 # -- framing over a stream ------------------------------------------------------------------
 
-_LENGTH = struct.Struct("!Q")
+_STREAM_MESSAGES = (
+    Hello,
+    Submit,
+    Cancel,
+    Answer,
+    Refused,
+    StoreTask,
+    DeleteTask,
+    Stored,
+    Deleted,
+    TaskChanged,
+    Reloaded,
+    EngineStatus,
+)
+_ADAPTERS = {cls.__name__: TypeAdapter(cls) for cls in _STREAM_MESSAGES}
+_LENGTH = struct.Struct("!I")
+_BLOB = "$blob"  # {"$blob": i}: the i-th raw part after the JSON
 
 
 async def write(writer: asyncio.StreamWriter, message: object) -> None:
-    """Send one message (our own dataclasses, between our own processes)."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_LENGTH.pack(len(data)) + data)
+    """Send one message: its JSON, then each bytes field raw, each part length-prefixed."""
+    blobs: list[bytes] = []
+
+    def lift(value):
+        if isinstance(value, bytes):
+            blobs.append(value)
+            return {_BLOB: len(blobs) - 1}
+        if isinstance(value, list | tuple):
+            return [lift(v) for v in value]
+        if isinstance(value, dict):
+            return {k: lift(v) for k, v in value.items()}
+        return value
+
+    body = lift(dataclasses.asdict(message))
+    head = json.dumps({"type": type(message).__name__, "body": body}).encode()
+    parts = [head, *blobs]
+    writer.write(_LENGTH.pack(len(parts)))
+    for part in parts:
+        writer.write(_LENGTH.pack(len(part)))
+        writer.write(part)
     await writer.drain()
 
 
 async def read(reader: asyncio.StreamReader) -> object:
-    """The next message; asyncio.IncompleteReadError once the peer is gone."""
-    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    return pickle.loads(await reader.readexactly(length))
+    """The next message, checked against its class (asyncio.IncompleteReadError once the
+    peer is gone; ValueError for a message no class describes)."""
+    (count,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    parts = []
+    for _ in range(count):
+        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        parts.append(await reader.readexactly(length))
+    head, blobs = json.loads(parts[0]), parts[1:]
+
+    def lower(value):
+        if isinstance(value, dict):
+            if value.keys() == {_BLOB}:
+                return blobs[value[_BLOB]]
+            return {k: lower(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [lower(v) for v in value]
+        return value
+
+    adapter = _ADAPTERS.get(head.get("type"))
+    if adapter is None:
+        raise ValueError(f"unknown message type {head.get('type')!r}")
+    return adapter.validate_python(lower(head["body"]))

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from piggyback_serve.server.catalog import Task
-from piggyback_serve.server.engine import WorkerInfo
+from piggyback_serve.server.protocol import WorkerInfo
 
 
 class Score(BaseModel):

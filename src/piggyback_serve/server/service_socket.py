@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -28,6 +28,7 @@ from piggyback_serve.server.protocol import (
     EngineStatus,
     Hello,
     Refused,
+    Reloaded,
     Stored,
     StoreTask,
     Submit,
@@ -41,6 +42,7 @@ from piggyback_serve.server.state import Services
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 0.2  # how often the status is compared with the last one sent
+RELOAD_WAIT_S = 5.0  # for every other front end to list an upload before it is answered
 
 
 class _FrontEnd:
@@ -63,6 +65,8 @@ class ServiceSocket:
         self.front_ends: set[_FrontEnd] = set()
         self._server: asyncio.AbstractServer | None = None
         self._pusher: asyncio.Task | None = None
+        self._changes = itertools.count()
+        self._reloads: dict[tuple[int, int], asyncio.Future] = {}  # (change, pid) -> ack
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, self.address)
@@ -102,6 +106,11 @@ class ServiceSocket:
                     if (task := front.requests.get(message.request_id)) is not None:
                         task.cancel()
                     continue
+                if isinstance(message, Reloaded):
+                    ack = self._reloads.get((message.change_id, front.pid))
+                    if ack is not None and not ack.done():
+                        ack.set_result(None)
+                    continue
                 task = asyncio.create_task(self._handle(front, message))
                 front.requests[message.request_id] = task
                 task.add_done_callback(lambda _, i=message.request_id: front.requests.pop(i, None))
@@ -109,6 +118,9 @@ class ServiceSocket:
             pass
         finally:
             self.front_ends.discard(front)
+            for (_, pid), ack in self._reloads.items():
+                if pid == front.pid and not ack.done():
+                    ack.set_result(None)  # gone: nothing to wait for
             for task in front.requests.values():
                 task.cancel()
             self.svc.engine.drop_arena(front.arena)
@@ -122,11 +134,11 @@ class ServiceSocket:
                     reply = await self._classify(message)
                 case StoreTask(request_id, name, data):
                     task = await self.svc.require_catalog().put(name, data)
-                    await self._changed(front, TaskChanged(name, task))
-                    reply = Stored(request_id, task)
+                    await self._changed(front, name)
+                    reply = Stored(request_id, task.version)
                 case DeleteTask(request_id, name):
                     removed = await self.svc.require_catalog().delete(name)
-                    await self._changed(front, TaskChanged(name))
+                    await self._changed(front, name)
                     reply = Deleted(request_id, removed)
                 case _:
                     log.error("engine service: unknown message %r", type(message).__name__)
@@ -148,16 +160,26 @@ class ServiceSocket:
         answered, probs = await self.svc.classify_pixels(
             task, list(message.rows), started, message.timeout_s
         )
-        changed = None
-        if answered.version != message.version:  # its labels are the ones that apply
-            changed = dataclasses.replace(answered, state=None)
-        return Answer(message.request_id, tuple(map(probs_to_bytes, probs)), changed)
+        return Answer(message.request_id, tuple(map(probs_to_bytes, probs)), answered.version)
 
-    async def _changed(self, origin: _FrontEnd, change: TaskChanged) -> None:
-        """Every other front end hears of an upload or delete before the origin answers it."""
-        for front in list(self.front_ends):
-            if front is not origin:
-                await front.send(change)
+    async def _changed(self, origin: _FrontEnd, name: str) -> None:
+        """Every other front end lists an upload or delete before the origin answers it
+        (each reads the task again and says so; one that does not in time is not waited
+        for: its own rescan will find it)."""
+        change_id = next(self._changes)
+        others = [front for front in self.front_ends if front is not origin]
+        loop = asyncio.get_running_loop()
+        acks = {front.pid: loop.create_future() for front in others}
+        for pid, ack in acks.items():
+            self._reloads[(change_id, pid)] = ack
+        try:
+            for front in others:
+                await front.send(TaskChanged(change_id, name))
+            if acks:
+                await asyncio.wait(acks.values(), timeout=RELOAD_WAIT_S)
+        finally:
+            for pid in acks:
+                self._reloads.pop((change_id, pid), None)
 
     # -- status ------------------------------------------------------------------------------
 

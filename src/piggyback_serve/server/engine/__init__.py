@@ -6,14 +6,9 @@ mixed.py (one-pass mixed batches) · worker.py (one device: step(batch) -> proba
 process.py (a worker's process loop) · pool.py (the workers, as the batcher sees them).
 """
 
-from piggyback_serve.server.engine.pool import (
-    BatchError,
-    EnginePool,
-    Undecodable,
-    WorkerDied,
-    WorkerInfo,
-)
+from piggyback_serve.server.engine.pool import BatchError, EnginePool, Undecodable, WorkerDied
 from piggyback_serve.server.engine.worker import Row, TaskKey, Worker
+from piggyback_serve.server.protocol import WorkerInfo
 
 __all__ = [
     "BatchError",

@@ -26,7 +26,6 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.multiprocessing
@@ -53,6 +52,7 @@ from piggyback_serve.server.protocol import (
     StartFailed,
     Stop,
     TaskKey,
+    WorkerInfo,
     WorkerReport,
     probs_from_bytes,
 )
@@ -75,21 +75,6 @@ class BatchError(RuntimeError):
 
 class Undecodable(ValueError):
     """A row's encoded image could not be decoded, on the device or the CPU (that row only)."""
-
-
-@dataclass
-class WorkerInfo:
-    """One worker as /readyz (its JSON body, server/schemas.py) and /metrics show it."""
-
-    index: int
-    device: str
-    pid: int | None
-    state: str  # starting, ready, failed, stopped
-    busy: bool
-    batches: int
-    switches: int
-    mixed: int
-    restarts: int
 
 
 class _Handle:

@@ -7,26 +7,12 @@ keeps one of device copies. An evicted state is rebuilt (or copied again) on its
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from piggyback_serve.server.engine.task_state import TaskState
+from piggyback_serve.server.protocol import TierStats
 
 TaskKey = tuple[str, str]  # (name, version)
-
-
-@dataclass(frozen=True)
-class TierStats:
-    """A tier as /metrics shows it (summed over workers for the device tier)."""
-
-    resident: int = 0
-    bytes: int = 0
-    budget: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-
-    def __add__(self, other: TierStats) -> TierStats:
-        return TierStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 @dataclass
