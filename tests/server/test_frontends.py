@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import subprocess
 import time
 
 import httpx
@@ -13,8 +12,9 @@ import psutil
 import pytest
 
 from piggyback_serve.masks import artifact as artifacts
+from tests.reliability.test_process_signals import started
 from tests.server.server_support import TASKS, make_artifact, metric, png
-from tests.server.test_e2e import command, free_port, piggy_serve
+from tests.server.test_e2e import piggy_serve
 
 pytestmark = pytest.mark.slow
 
@@ -132,29 +132,9 @@ def test_a_killed_front_end_is_replaced(tmp_path, registry_dir, reference):
 
 
 def test_sigterm_drains_every_front_end_and_exits_0(tmp_path, registry_dir):
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}
-    environ.update(PIGGY_HOME=str(tmp_path / "home"), PIGGY_GRPC_PORT="0", **env_for(registry_dir))
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*command(), "--port", str(port), "--frontends", "2", "--log-level", "info"],
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    # started() names the backbone and the registry itself.
+    env = dict(PIGGY_ENGINE_WORKERS="1", PIGGY_FRONTENDS="2", PIGGY_GRPC_PORT="0")
+    with started(tmp_path, registry_dir, **env) as (proc, url, log):
         workers = [p.pid for p in front_ends(url)]
         assert len(workers) == 2
         big = [
@@ -173,7 +153,3 @@ def test_sigterm_drains_every_front_end_and_exits_0(tmp_path, registry_dir):
         assert proc.wait(60) == 0, log.read_text()
         for pid in workers:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
