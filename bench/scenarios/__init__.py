@@ -646,11 +646,13 @@ SCENARIOS: dict[str, Scenario] = {
                     "closed loop posting JPEGs; front-end CPU: the server process (or "
                     "supervisor) plus the front-end processes, per image answered; cores "
                     "busy: CPU seconds of the whole server tree ÷ wall seconds; median "
-                    "[min–max] over windows",
+                    "[min–max] over the quiet windows (other processes at most 0.3 cores; "
+                    "over every window where none was quiet), as the figures",
                     (
                         "load",
                         "front ends",
                         "input",
+                        "quiet windows",
                         "images/s",
                         "front-end CPU ms/image",
                         "cores busy",

@@ -194,42 +194,55 @@ def _log(msg: str) -> None:
 # -- the figures and tables --------------------------------------------------------------
 
 
+def quiet(w: dict) -> bool:
+    """Whether other processes kept at most QUIET_CORES busy during the window."""
+    return w.get("others_cores", 0.0) <= QUIET_CORES
+
+
+def quiet_only(runs: list[dict]) -> list[dict]:
+    """The windows beside no other tenant's work; all of them when there is none such."""
+    return [w for w in runs if quiet(w)] or runs
+
+
 def summarize(raw: dict) -> dict:
+    """Figures from the quiet windows (every window when none was quiet); the tables show
+    every window kept."""
     figures, windows = [], []
     bound_runs = raw["bound"]["runs"]
-    one = [w["images_per_s"] for w in bound_runs["1"]]
-    two = [w["images_per_s"] for w in bound_runs["2"]]
+    pairs = list(zip(bound_runs["1"], bound_runs["2"], strict=False))
+    pairs = [(a, b) for a, b in pairs if quiet(a) and quiet(b)] or pairs
+    one = [a["images_per_s"] for a, _ in pairs]
+    two = [b["images_per_s"] for _, b in pairs]
     figures.append({"figure": RATIO, "on": raw["bound"]["config"], "value": ratios(two, one)})
     cost_runs = raw["costs"]["runs"]
     named = {"photos": PHOTOS, "phone": PHONE}
     for side, cases in cost_runs.items():
         on = "1 process (default)" if side == "default" else f"{side} front ends"
         for case, runs in cases.items():
-            ms = Spread.of([frontend_ms(w) for w in runs])
+            ms = Spread.of([frontend_ms(w) for w in quiet_only(runs)])
             figures.append({"figure": named[case], "on": on, "value": ms})
     default_photos = cost_runs["default"]["photos"]
     figures.append(
         {
             "figure": CORES,
             "on": "1 process (default), default engine workers",
-            "value": Spread.of([cores_busy(w) for w in default_photos]),
+            "value": Spread.of([cores_busy(w) for w in quiet_only(default_photos)]),
         }
     )
-    summary = [
-        ["front-end-bound", f"{n} front end{'s' if n != '1' else ''}", "phone",
-         Spread.of([w["images_per_s"] for w in runs]),
-         Spread.of([frontend_ms(w) for w in runs]),
-         Spread.of([cores_busy(w) for w in runs])]
-        for n, runs in bound_runs.items()
+    summary = []
+    groups = [("front-end-bound", n, "phone", runs) for n, runs in bound_runs.items()]
+    groups += [
+        ("224 px", side, case, runs) for side, cases in cost_runs.items()
+        for case, runs in cases.items()
     ]  # fmt: skip
-    for side, cases in cost_runs.items():
-        for case, runs in cases.items():
-            summary.append(
-                ["224 px", side, case,
-                 Spread.of([w["images_per_s"] for w in runs]),
-                 Spread.of([frontend_ms(w) for w in runs]),
-                 Spread.of([cores_busy(w) for w in runs])]
-            )  # fmt: skip
+    for load, side, case, runs in groups:
+        kept = quiet_only(runs)
+        summary.append(
+            [load, side, case, f"{sum(map(quiet, runs))} of {len(runs)}",
+             Spread.of([w["images_per_s"] for w in kept]),
+             Spread.of([frontend_ms(w) for w in kept]),
+             Spread.of([cores_busy(w) for w in kept])]
+        )  # fmt: skip
     for load, groups in (("front-end-bound", {"": bound_runs}), ("224 px", cost_runs)):
         for side, cases in groups.items():
             for case, runs in cases.items():

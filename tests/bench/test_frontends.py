@@ -52,3 +52,19 @@ def test_every_figure_and_table_is_declared():
     for key, rows in found["tables"].items():
         columns = scenario.tables[key].columns
         assert rows and all(len(row) == len(columns) for row in rows), key
+
+
+def test_windows_beside_other_tenants_leave_the_figures():
+    raw = _raw()
+    busy = {**_window(40, 0.8, 0.0, 2.2, wall=4.0), "others_cores": 1.0}
+    raw["costs"]["runs"]["default"]["photos"].append(busy)
+    raw["bound"]["runs"]["1"].append({**_window(10, 1.0, 0.0, 0.1), "others_cores": 0.9})
+    raw["bound"]["runs"]["2"].append(_window(900, 0.2, 3.0, 0.2))
+    found = frontends.summarize(raw)
+    values = {(f["figure"], f["on"]): f["value"] for f in found["figures"]}
+    cores = values[(frontends.CORES, "1 process (default), default engine workers")]
+    assert cores.n == 2 and cores.median == pytest.approx((0.8 + 2.2 + 0.01) / 2.0)
+    assert values[(frontends.RATIO, "lite0 64")].n == 2  # the busy pair is left out
+    rows = {(r[0], r[1], r[2]): r for r in found["tables"]["summary"]}
+    assert rows[("224 px", "default", "photos")][3] == "2 of 3"
+    assert len(found["tables"]["windows"]) == 3 + 3 + 3 + 1 + 2 + 1  # every window kept
