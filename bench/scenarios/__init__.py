@@ -663,7 +663,8 @@ SCENARIOS: dict[str, Scenario] = {
                     "helpers: forkserver, resource trackers, torch_shm_manager); the load "
                     "generator's cores and the rest of the machine's (other tenants; a "
                     "window where they kept over 0.3 cores busy was measured again while a "
-                    "4-minute budget lasted, the one set aside kept in the raw record)",
+                    "150-second budget per load lasted, the one set aside kept in the raw "
+                    "record)",
                     (
                         "load",
                         "front ends",
