@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -25,6 +26,8 @@ from piggyback_serve.server.settings import Settings
 from piggyback_serve.server.state import Services
 
 log = logging.getLogger("piggy.serve")
+
+FRONTEND_READY_WAIT_S = 15.0  # past it a front end serves /healthz and 503s while it starts
 
 DESCRIPTION = """Many image classifiers ("tasks") on one frozen backbone: each task is a
 binary mask over the backbone's weights plus a small head (Piggyback).
@@ -49,7 +52,13 @@ def create_app(
         if svc.remote is None:
             svc.batcher.start()
         # The backbone loads in the background so /healthz and /readyz answer meanwhile.
-        svc.background.append(asyncio.create_task(start(svc), name="piggy-startup"))
+        startup = asyncio.create_task(start(svc), name="piggy-startup")
+        svc.background.append(startup)
+        if svc.remote is not None:
+            # A front end takes connections once it can answer them, within a bound: its
+            # socket holds them meanwhile, while the other front ends serve theirs.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(startup), FRONTEND_READY_WAIT_S)
         try:
             yield
         finally:

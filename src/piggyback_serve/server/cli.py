@@ -176,12 +176,15 @@ def serve(app, sock: socket.socket, log_level: str) -> int:
     return 0 if server.started else 3
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The listening socket, bound as uvicorn binds one (SO_REUSEADDR; IPv6 for an address
-    with a colon): bound here, before the backbone loads, so that a busy port fails at once."""
+    with a colon): bound here, before the backbone loads, so that a busy port fails at once.
+    `reuse_port`: one of several on the port, the kernel spreading connections among them."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
