@@ -14,6 +14,8 @@ import bisect
 import dataclasses
 import mmap
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -77,6 +79,19 @@ class Arena:
         view = np.ndarray(array.shape, array.dtype, buffer=self._shm.buf, offset=offset)
         view[...] = array
         return PixelRef(self.name, offset, tuple(array.shape), array.dtype.str)
+
+    @contextmanager
+    def holding(self, rows: Iterable[Row]) -> Iterator[list[PixelRef]]:
+        """The rows written in for the block's length, then freed (ArenaFull, with none
+        kept, when they do not all fit)."""
+        refs: list[PixelRef] = []
+        try:
+            for row in rows:
+                refs.append(self.put(row))
+            yield refs
+        finally:
+            for ref in refs:
+                self.free(ref)
 
     def free(self, ref: PixelRef) -> None:
         """Give a row's run back (merged with its free neighbours)."""

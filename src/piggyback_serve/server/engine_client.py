@@ -32,6 +32,7 @@ from piggyback_serve.server.protocol import (
     DeleteTask,
     EngineStatus,
     Hello,
+    PixelRef,
     Refused,
     Reloaded,
     Stored,
@@ -156,19 +157,27 @@ class EngineClient:
     async def classify(self, task, images: list[Row], started: float, timeout_s: float):
         """Probabilities per image for `task` (the catalog's Task, header only), and the
         task that answered (a newer version when the service had one)."""
-        refs = []
         try:
-            for x in images:
-                refs.append(self.arena.put(x))
+            with self.arena.holding(images) as refs:
+                answer = await self._classify(task, refs, started, timeout_s)
         except ArenaFull as exc:
-            for ref in refs:
-                self.arena.free(ref)
             raise Overloaded(f"too many images in flight: {exc}") from None
-        remaining = timeout_s - (time.perf_counter() - started)
+        probs = [torch.from_numpy(probs_from_bytes(p)) for p in answer.probs]
+        if answer.version != task.version:  # the service runs a version not listed here
+            name = task.name
+            task = await self.reload(name) if self.reload else None
+            if task is None or task.version != answer.version:
+                raise NotReady(
+                    f"task {name!r} changed while this request ran; retry", {"Retry-After": "1"}
+                )
+        return task, probs
+
+    async def _classify(self, task, refs: list[PixelRef], started: float, timeout_s: float):
+        remaining = max(timeout_s - (time.perf_counter() - started), 0.0)
         request_id = next(self._ids)
-        message = Submit(request_id, task.name, task.version, tuple(refs), max(remaining, 0.0))
+        message = Submit(request_id, task.name, task.version, tuple(refs), remaining)
         try:
-            answer = await asyncio.wait_for(self._request(request_id, message), max(remaining, 0))
+            return await asyncio.wait_for(self._request(request_id, message), remaining)
         except TimeoutError:
             await self._send(Cancel(request_id))
             raise Timeout(f"no answer within {timeout_s:g}s") from None
@@ -176,18 +185,6 @@ class EngineClient:
             with contextlib.suppress(Exception):
                 await self._send(Cancel(request_id))
             raise
-        finally:
-            for ref in refs:
-                self.arena.free(ref)
-        probs = [torch.from_numpy(probs_from_bytes(p)) for p in answer.probs]
-        if answer.version != task.version:  # the service runs a version not listed here
-            task = await self.reload(task.name) if self.reload else None
-            if task is None or task.version != answer.version:
-                raise NotReady(
-                    f"task {message.task!r} changed while this request ran; retry",
-                    {"Retry-After": "1"},
-                )
-        return task, probs
 
     async def store(self, name: str, data: bytes) -> str:
         """PUT /tasks/{name} through the service: the stored artifact's version."""

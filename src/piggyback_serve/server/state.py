@@ -75,17 +75,11 @@ class Services:
         timeout_s = self.settings.request_timeout_s
         if self.remote is not None:
             return await self.remote.classify(task, images, started, timeout_s)
-        refs = []
         try:
-            for x in images:
-                refs.append(self.arena.put(x))
+            with self.arena.holding(images) as refs:
+                return await self.classify_pixels(task, refs, started, timeout_s)
         except ArenaFull as exc:
             raise Overloaded(f"too many images in flight: {exc}") from None
-        try:
-            return await self.classify_pixels(task, refs, started, timeout_s)
-        finally:
-            for ref in refs:
-                self.arena.free(ref)
 
     async def classify_pixels(
         self, task: Task, rows: list[PixelRef], started: float, timeout_s: float
