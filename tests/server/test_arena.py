@@ -69,3 +69,16 @@ def test_another_process_reads_the_rows_and_leaves_the_segment_alone():
     finally:
         arena.close()
     assert not Path(f"/dev/shm/{arena.name.lstrip('/')}").exists()
+
+
+def test_holding_frees_every_row_and_keeps_none_when_they_do_not_fit():
+    arena = Arena(4 * ALIGN)
+    try:
+        with arena.holding([torch.zeros(ALIGN, dtype=torch.uint8)] * 2) as refs:
+            assert len(refs) == 2 and arena.used == 2 * ALIGN
+        assert arena.used == 0
+        with pytest.raises(ArenaFull), arena.holding([torch.zeros(ALIGN, dtype=torch.uint8)] * 5):
+            pass
+        assert arena.used == 0
+    finally:
+        arena.close()
