@@ -2,6 +2,7 @@
 before it serves it, and a worker that dies fails only its own batch and is replaced."""
 
 import asyncio
+import contextlib
 import os
 import signal
 
@@ -118,6 +119,86 @@ async def test_a_killed_worker_fails_only_its_batch_and_is_replaced(
             reference.check(("alpha", "gamma")[i % 2], png(i), r.json()["results"][0])
         text = (await client.get("/metrics")).text
         assert metric(text, "piggy_worker_restarts_total", worker="0") == 1
+
+
+def steer_to_worker_0(pool):
+    """Worker 1 claimed (as if busy), so that the next batch lands on worker 0; the claim."""
+    held = pool._claim(None)  # worker 0 when both are idle: hold the other one
+    if held.config.index == 0:
+        other = pool._claim(None)
+        pool._release(held, held.pending[0])
+        held = other
+    return held
+
+
+async def test_a_hung_worker_is_killed_after_the_timeout_and_replaced(
+    tmp_path, registry_dir, backbone, reference
+):
+    settings = settings_for(tmp_path, registry_dir, engine_workers=2, worker_timeout_s=2)
+    async with serving(settings, backbone) as client:
+        pool = client.app.state.services.engine
+        assert pool.batch_timeout_s == 2
+        hung = pool.workers()[0].pid
+        held = steer_to_worker_0(pool)
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            r = await post(client, "alpha", png(1))
+            took = loop.time() - started
+            pool._release(held, held.pending[0])
+            assert r.status_code == 503 and r.json()["error"]["code"] == "worker_lost", r.text
+            assert "did not answer within 2s" in r.json()["error"]["message"]
+            assert int(r.headers["retry-after"]) >= 1
+            assert 2 <= took < 2 + 3, took
+            await until(lambda: pool.alive == 2 and pool.workers()[0].restarts == 1)
+            assert not alive(hung)
+            workers = (await client.get("/readyz")).json()["workers"]
+            assert [w["state"] for w in workers] == ["ready", "ready"]
+            assert workers[0]["pid"] != hung and [w["restarts"] for w in workers] == [1, 0]
+            images = [png(20 + i) for i in range(6)]
+            answers = await asyncio.gather(*(post(client, "beta", img) for img in images))
+            for image, answer in zip(images, answers, strict=True):
+                assert answer.status_code == 200, answer.text
+                reference.check("beta", image, answer.json()["results"][0])
+            text = (await client.get("/metrics")).text
+            assert metric(text, "piggy_worker_restarts_total", worker="0") == 1
+            assert metric(text, "piggy_engine_workers_alive") == 2
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
+
+
+async def test_every_worker_hung_makes_readyz_503_until_they_are_replaced(
+    tmp_path, registry_dir, backbone
+):
+    """Processes that outlive their SIGKILL (stuck in a device driver), played by stopped
+    workers whose kill is held back: shown "hung", and the server is not ready."""
+    settings = settings_for(tmp_path, registry_dir, engine_workers=2, worker_timeout_s=1)
+    async with serving(settings, backbone) as client:
+        pool = client.app.state.services.engine
+        handles = list(pool._handles.values())
+        pids = [h.pid for h in handles]
+        for handle in handles:
+            handle.process.kill = lambda: None
+            os.kill(handle.pid, signal.SIGSTOP)
+        try:
+            for task in ("alpha", "beta"):  # one batch each, on each worker in turn
+                r = await post(client, task, png(1))
+                assert r.status_code == 503 and r.json()["error"]["code"] == "worker_lost"
+            assert [w.state for w in pool.workers()] == ["hung", "hung"]
+            r = await client.get("/readyz")
+            assert r.status_code == 503 and "2 hung" in r.json()["error"]["message"], r.text
+            text = (await client.get("/metrics")).text
+            assert metric(text, "piggy_engine_workers_alive") == 0
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await until(lambda: pool.alive == 2)
+        assert [w.restarts for w in pool.workers()] == [1, 1]
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await post(client, "alpha", png(2))).status_code == 200
 
 
 def test_large_batches_cross_the_pipe_under_uvloop(backbone):

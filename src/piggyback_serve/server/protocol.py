@@ -122,7 +122,7 @@ class WorkerInfo:
     index: int
     device: str
     pid: int | None
-    state: str  # starting, ready, failed, stopped
+    state: str  # starting, ready, hung (silent past its timeout: being killed), failed, stopped
     busy: bool
     batches: int
     switches: int

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    # An engine worker silent on a batch this long is killed and replaced (its batch 503
+    # worker_lost); None: automatic, from the batch times the pool has seen
+    # (server/engine/pool.py's batch_timeout_s).
+    worker_timeout_s: float | None = Field(None, gt=0)
+    # A connection that has not sent a whole request head this long after it opened (or
+    # after its previous answer) is closed (server/cli.py's DrainingHTTP).
+    header_timeout_s: float = Field(10.0, gt=0)
     # How a batch that mixes tasks runs: "one-pass" (one forward, a sparse correction per
     # layer: server/engine/mixed.py), "per-task" (the batch split by task, the working copy patched
     # between the pieces) or "auto": per-task on the CPU, where it measured faster or
@@ -86,7 +93,7 @@ class Settings(BaseSettings):
     # The Open Inference Protocol over gRPC (server/oip_grpc) on `host` and this port; 0: off.
     grpc_port: int = Field(8001, ge=0, le=65535)
 
-    @field_validator("engine_workers", "frontends", mode="before")
+    @field_validator("engine_workers", "frontends", "worker_timeout_s", mode="before")
     @classmethod
     def _empty_workers_are_auto(cls, value):
         return None if value in ("", "auto") else value

@@ -13,7 +13,9 @@ the rest: it claims an idle worker (preferring the one whose working copy alread
 batch's lead task; one batch runs per worker), releases it, and retries a failed mixed
 batch task by task. Messages are typed (server/protocol.py); pixels are read by the worker
 from shared memory (server/arena.py). A worker that dies (SIGKILL, out of memory) fails
-only the batch it was running (`WorkerDied`) and is replaced.
+only the batch it was running (`WorkerDied`) and is replaced; so does one silent on a
+batch past its timeout (`batch_timeout_s`: stopped, deadlocked, stuck in a kernel), killed
+first and shown as "hung" until it is gone.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ log = logging.getLogger("piggy.serve")
 
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0  # before replacing a worker that died while starting
+# The automatic batch timeout (PIGGY_WORKER_TIMEOUT_S unset): this many times the slowest
+# batch the pool has seen answered, and never under the floor.
+AUTO_TIMEOUT_FACTOR = 20
+AUTO_TIMEOUT_FLOOR_S = 30.0
 SHARING_STRATEGY = "file_system"
 
 
@@ -124,6 +130,7 @@ class EnginePool:
         self._changed: asyncio.Event | None = None
         self._closing = False
         self._arena: Arena | None = None  # predict()'s own, made on first use
+        self._slowest_s = 0.0  # the longest a batch has taken to be answered
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -319,15 +326,36 @@ class EnginePool:
         batch_id, future = handle.pending
         new = {row.key: row.state for row in rows if row.key not in handle.known}
         message = RunBatch(batch_id, tuple(r.key for r in rows), new, tuple(pixels))
+        timeout_s = self.batch_timeout_s
+        loop = asyncio.get_running_loop()
+        watchdog = loop.call_later(timeout_s, self._hung, handle, batch_id, timeout_s)
+        started = time.monotonic()
         try:
             self._send(handle, message)
             handle.known.update(new)
             try:
-                return await future
+                results = await future
             except WorkerDied as exc:
                 return [exc] * len(rows)
+            self._slowest_s = max(self._slowest_s, time.monotonic() - started)
+            return results
         finally:
+            watchdog.cancel()
             self._release(handle, batch_id)
+
+    @property
+    def batch_timeout_s(self) -> float:
+        """How long a worker may be silent on a batch before it is killed as hung.
+
+        PIGGY_WORKER_TIMEOUT_S where set. Otherwise far past anything a batch has taken
+        here (a loaded host or a new input shape can be several times slower than usual,
+        and killing a slow but working worker costs more than waiting), with a floor that
+        covers what the first batches cost before any is measured: a task's first patch,
+        and with torch.compile a compile per input shape (the start timeout then)."""
+        if self.settings.worker_timeout_s is not None:
+            return self.settings.worker_timeout_s
+        floor = START_TIMEOUT_S if self.settings.compile else AUTO_TIMEOUT_FLOOR_S
+        return max(floor, AUTO_TIMEOUT_FACTOR * self._slowest_s)
 
     def _claim(self, lead: TaskKey) -> _Handle | None:
         """An idle worker for a batch led by task `lead` (the one whose copy runs it if
@@ -385,6 +413,27 @@ class EnginePool:
                         pending[1].set_exception(BatchError(message.reason))
         self._notify()
 
+    def _hung(self, handle: _Handle, batch_id: int, timeout_s: float) -> None:
+        """Batch `batch_id` is unanswered past its timeout: fail it and kill the worker;
+        its pipe's EOF then replaces it (`_lost`). Until the process is gone (a SIGKILL
+        waits for a process stuck in the device driver) it shows as "hung"."""
+        pending = handle.pending
+        if pending is None or pending[0] != batch_id or pending[1].done():
+            return
+        index = handle.config.index
+        log.error(
+            "engine worker %d (pid %s) has not answered a batch in %gs; killing it",
+            index,
+            handle.pid,
+            timeout_s,
+        )
+        handle.state = "hung"
+        with contextlib.suppress(OSError):
+            handle.process.kill()
+        why = f"engine worker {index} did not answer within {timeout_s:g}s (killed, replaced)"
+        pending[1].set_exception(WorkerDied(why))
+        self._notify()
+
     def _lost(self, handle: _Handle) -> None:
         """The worker's pipe closed: fail its batch, replace it (unless closing)."""
         if self._handles.get(handle.config.index) is not handle or handle.state == "stopped":
@@ -408,7 +457,7 @@ class EnginePool:
             handle.pid,
             code,
         )
-        delay = RESTART_DELAY_S if was != "ready" else 0.0
+        delay = 0.0 if was in ("ready", "hung") else RESTART_DELAY_S
         loop.call_later(delay, self._replace, handle)
 
     def _replace(self, handle: _Handle) -> None:

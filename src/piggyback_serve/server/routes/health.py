@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,8 +36,10 @@ async def readyz(svc: ServicesDep):
     if catalog.registry_error:  # down, or not read whole: what is missing can't be told
         return _not_ready(f"registry {svc.registry.url} unreadable: {catalog.registry_error}")
     engine = svc.engine
-    if not engine.alive:
-        return _not_ready("not ready: no engine worker is running (being replaced)")
+    if not engine.alive:  # none ready: starting, hung (being killed) or being replaced
+        states = Counter(w.state for w in engine.workers())
+        shown = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return _not_ready(f"not ready: no engine worker can serve ({shown}; being replaced)")
     return Health(
         status="ready",
         backbone=engine.backbone.name,
