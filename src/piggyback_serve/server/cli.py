@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -31,6 +32,7 @@ application fails during startup."""
 # yet, or an idle keep-alive one a client may be reusing this very moment) is given this
 # long for a request to arrive, which is then answered (Connection: close), before closing.
 SHUTDOWN_IDLE_GRACE_S = 1.0
+HEADER_TIMEOUT_S = Settings.model_fields["header_timeout_s"].default  # defined once
 
 
 def parser() -> argparse.ArgumentParser:
@@ -158,14 +160,17 @@ def _main(argv: list[str] | None) -> int:
         from piggyback_serve.server.frontends import Supervisor
 
         return Supervisor(settings, sock, backbone, count, args.log_level, workspace).run()
-    return serve(create_app(settings, backbone), sock, args.log_level)
+    return serve(create_app(settings, backbone), sock, args.log_level, settings)
 
 
-def serve(app, sock: socket.socket, log_level: str) -> int:
+def serve(app, sock: socket.socket, log_level: str, settings: Settings | None = None) -> int:
     """uvicorn on a bound socket until SIGTERM or SIGINT: 0 after a clean stop, 3 when the
-    app failed during startup."""
+    app failed during startup. `settings`: the app's; None reads them from the environment,
+    as a front end's app did (server/frontend.py)."""
+    settings = settings or Settings()
     host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=DrainingHTTP)
+    http = functools.partial(DrainingHTTP, header_timeout_s=settings.header_timeout_s)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http)
     server = _Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight
     # requests finish, runs the lifespan's shutdown), then re-raises the signal to the
@@ -248,7 +253,8 @@ def _accept_pending(sock: socket.socket) -> list[socket.socket]:
 
 
 class DrainingHTTP(AutoHTTPProtocol):
-    """uvicorn's HTTP protocol, except that its graceful shutdown answers a request arriving.
+    """uvicorn's HTTP protocol, except that its graceful shutdown answers a request arriving,
+    and that a connection must send each request head within `header_timeout_s`.
 
     uvicorn's `shutdown()` closes at once every connection with no request in hand: one just
     accepted whose request is still on the wire, one whose headers are half read, an idle
@@ -256,10 +262,44 @@ class DrainingHTTP(AutoHTTPProtocol):
     its request and reads a closed connection ("Server disconnected without sending a
     response"). Here such a connection gets SHUTDOWN_IDLE_GRACE_S for a request to arrive;
     one that does is answered with Connection: close; one that stays silent is closed.
+
+    uvicorn bounds an idle keep-alive connection (its keep-alive timeout, disarmed by any
+    byte), but not one that sends a head slowly: a byte every few seconds held it open for
+    ever, a file descriptor each. Here the head must be whole within `header_timeout_s` of
+    the connection opening or of the previous answer, or the connection is closed. A body's
+    pace is not bounded here (its size is, by the app's limits): docs/reliability.md.
     """
 
     _draining = False
     _drain_timer: asyncio.TimerHandle | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args, header_timeout_s: float = HEADER_TIMEOUT_S, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def _await_head(self) -> None:
+        """No request in hand: the next head must be whole in time."""
+        self._stop_awaiting_head()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+
+    def _stop_awaiting_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _in_hand(self) -> bool:
+        """A request whose head is whole and whose answer is not complete."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing() and not self._in_hand():
+            self.transport.close()
 
     def shutdown(self) -> None:
         if self.cycle is not None and not self.cycle.response_complete:
@@ -276,15 +316,20 @@ class DrainingHTTP(AutoHTTPProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._draining and self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False  # the request that arrived: answered, then closed
+        if self._in_hand():
+            self._stop_awaiting_head()
+            if self._draining:
+                self.cycle.keep_alive = False  # the request that arrived: answered, then closed
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._draining:  # not kept alive past the one answer (pipelined requests too)
             self._unset_keepalive_if_required()
+        if not self.transport.is_closing() and not self._in_hand():  # none pipelined
+            self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_awaiting_head()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
