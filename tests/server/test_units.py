@@ -1,7 +1,12 @@
 """The parts alone: folder registry, batcher scheduling, settings."""
 
 import asyncio
+import errno
+import os
+import stat
+import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +16,8 @@ from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Task
 from piggyback_serve.server.errors import Overloaded
 from piggyback_serve.server.metrics import Metrics
-from piggyback_serve.server.registry import open_registry, valid_name
+from piggyback_serve.server.registry import RegistryError, StorageError, open_registry, valid_name
+from piggyback_serve.server.registry import dir as dir_registry
 from piggyback_serve.server.settings import Settings
 
 
@@ -40,6 +46,101 @@ async def test_dir_registry_atomic_put_list_delete(tmp_path):
     assert data == b"two!" and entry == second
     assert await registry.delete("t1") and not await registry.delete("t1")
     assert await registry.read("t1") is None
+
+
+@pytest.mark.anyio
+async def test_dir_registry_fsyncs_the_file_then_the_folder(tmp_path, monkeypatch):
+    registry = open_registry(f"dir:{tmp_path / 'reg'}")
+    await registry.ping()
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd)) or real(fd))
+    await registry.put("t1", b"one")
+    # The temp file (a regular file) before its rename, then the folder after it.
+    assert [stat.S_ISREG(s.st_mode) for s in synced] == [True, False]
+    assert stat.S_ISDIR(synced[1].st_mode)
+    assert await registry.delete("t1")
+    assert len(synced) == 3 and stat.S_ISDIR(synced[2].st_mode)
+
+
+@pytest.mark.anyio
+async def test_dir_registry_sweeps_stale_temp_files_at_start(tmp_path):
+    folder = tmp_path / "reg"
+    folder.mkdir()
+    host, old = dir_registry._host(), time.time() - dir_registry.STALE_S - 5
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    files = {
+        "crashed_long_ago": f".a.safetensors.{host}.1.abcd.tmp",  # by age
+        "older_format": ".b.safetensors.x1y2z3.tmp",  # write_atomic's names, by age
+        "dead_writer": f".c.safetensors.{host}.{dead.pid}.abcd.tmp",  # fresh, writer gone
+        "this_process": f".d.safetensors.{host}.{os.getpid()}.abcd.tmp",  # none in flight
+        "live_writer": f".e.safetensors.{host}.{os.getppid()}.abcd.tmp",  # kept
+        "other_host": ".f.safetensors.elsewhere.1.abcd.tmp",  # fresh, kept
+        "not_ours": ".notes.tmp",
+        "task": "g.safetensors",
+    }
+    for kind, name in files.items():
+        (folder / name).write_bytes(b"x")
+        if kind in ("crashed_long_ago", "older_format"):
+            os.utime(folder / name, (old, old))
+    registry = open_registry(f"dir:{folder}")
+    await registry.ping()
+    kept = {files[k] for k in ("live_writer", "other_host", "not_ours", "task")}
+    assert {p.name for p in folder.iterdir()} == kept
+    # Listing does not sweep: only a server's start does.
+    (folder / files["dead_writer"]).write_bytes(b"x")
+    await registry.list()
+    assert (folder / files["dead_writer"]).exists()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (errno.ENOSPC, "no_space"),
+        (errno.EDQUOT, "quota"),
+        (errno.EROFS, "read_only"),
+        (errno.EACCES, "permission"),
+        (errno.EPERM, "permission"),
+    ],
+)
+async def test_dir_registry_says_it_cannot_store(tmp_path, monkeypatch, code, reason):
+    registry = open_registry(f"dir:{tmp_path / 'reg'}")
+    await registry.ping()
+    await registry.put("t1", b"old")
+    real_fsync = os.fsync
+
+    def failing(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StorageError) as caught:
+        await registry.put("t1", b"new, larger")
+    assert caught.value.reason == reason and caught.value.url == registry.url
+    # No temp file left, the old artifact whole.
+    assert [p.name for p in (tmp_path / "reg").iterdir()] == ["t1.safetensors"]
+    assert (await registry.read("t1"))[0] == b"old"
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: _raise(code))
+    with pytest.raises(StorageError):
+        await registry.delete("t1")
+
+
+@pytest.mark.anyio
+async def test_dir_registry_other_errors_stay_outages(tmp_path, monkeypatch):
+    registry = open_registry(f"dir:{tmp_path / 'reg'}")
+    await registry.ping()
+    monkeypatch.setattr(os, "fsync", lambda fd: _raise(errno.EIO))
+    with pytest.raises(RegistryError) as caught:
+        await registry.put("t1", b"x")
+    assert not isinstance(caught.value, StorageError)
+    assert list((tmp_path / "reg").iterdir()) == []
+
+
+def _raise(code: int):
+    raise OSError(code, os.strerror(code))
 
 
 class FakeEngine:

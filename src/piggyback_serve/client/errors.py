@@ -48,6 +48,11 @@ class Timeout(APIError):
     """504: the server gave up on the request."""
 
 
+class InsufficientStorage(APIError):
+    """507: the server's registry cannot store (disk full, read-only, Redis out of memory);
+    not retried: the message says what its operator has to do."""
+
+
 class TransportError(PiggyError):
     """The server could not be reached, or the connection failed mid-request."""
 
@@ -62,6 +67,7 @@ _BY_STATUS = {
     422: InvalidArtifact,
     503: Unavailable,
     504: Timeout,
+    507: InsufficientStorage,
 }
 
 

@@ -32,10 +32,15 @@ from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.errors import ArtifactError
 from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import Tier
-from piggyback_serve.server.errors import InvalidArtifact, RegistryUnavailable, TaskNotFound
+from piggyback_serve.server.errors import (
+    InsufficientStorage,
+    InvalidArtifact,
+    RegistryUnavailable,
+    TaskNotFound,
+)
 from piggyback_serve.server.open_files import explain
 from piggyback_serve.server.protocol import BackboneInfo
-from piggyback_serve.server.registry import Entry, Registry, RegistryError
+from piggyback_serve.server.registry import Entry, Registry, RegistryError, StorageError
 
 log = logging.getLogger("piggy.serve")
 
@@ -301,6 +306,8 @@ class Catalog:
         async with self._lock:
             try:
                 entry = await self.registry.put(name, data)
+            except StorageError as exc:  # what was stored before stays served
+                raise _insufficient(exc, f"cannot store task {name!r}") from exc
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             task = Task(name, entry.version, entry.size, art)
@@ -316,6 +323,8 @@ class Catalog:
         async with self._lock:
             try:
                 removed = await self.registry.delete(name)
+            except StorageError as exc:
+                raise _insufficient(exc, f"cannot delete task {name!r}") from exc
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             self._forget(name)
@@ -345,6 +354,11 @@ class Catalog:
         if self._rescan is not None:
             self._rescan.cancel()
             await asyncio.gather(self._rescan, return_exceptions=True)
+
+
+def _insufficient(exc: StorageError, what: str) -> InsufficientStorage:
+    """The 507: which registry, what failed, and (last: errors.rebuilt reads it) what to do."""
+    return InsufficientStorage(f"registry {exc.url} {what}: {exc.detail}; {exc.advice}", exc.reason)
 
 
 def _now() -> float:

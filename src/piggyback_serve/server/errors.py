@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piggyback_serve.masks.errors import ArtifactError, MasksError
+from piggyback_serve.server.registry.base import STORAGE_ADVICE
 
 log = logging.getLogger("piggy.serve")
 
@@ -96,8 +97,23 @@ class Timeout(ServeError):
     status, code = 504, "timeout"
 
 
+class InsufficientStorage(ServeError):
+    """The registry is reachable but cannot store (disk full, read-only, not permitted,
+    Redis out of memory): retrying won't help until someone acts, as the message says."""
+
+    status, code = 507, "insufficient_storage"
+
+    def __init__(self, message: str, reason: str = "unknown"):
+        super().__init__(message)
+        self.reason = reason  # the label of piggy_registry_write_errors_total
+
+
 def rebuilt(status: int, code: str, message: str, headers: dict[str, str]) -> ServeError:
     """An error the engine service answered (server/protocol.py's Refused), as raised there."""
+    if code == InsufficientStorage.code:  # counted by the front end that answers it
+        # The message ends with the advice for its reason (catalog.py writes it so).
+        reason = next((r for r, a in STORAGE_ADVICE.items() if message.endswith(a)), "unknown")
+        return InsufficientStorage(message, reason)
     error = ServeError(message, headers)
     error.status, error.code = status, code
     return error
@@ -123,6 +139,7 @@ _DESCRIPTIONS = {
     500: "The batch holding this request failed (the server goes on)",
     503: "Overloaded, an engine worker lost (see Retry-After), or not ready",
     504: "Timed out",
+    507: "The registry cannot store: disk full, read-only, not permitted, Redis out of memory",
 }
 
 
@@ -147,6 +164,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def _serve(request: Request, exc: ServeError):
+        if isinstance(exc, InsufficientStorage):
+            _count_storage_error(request, exc)
         return error_response(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(ArtifactError)
@@ -175,3 +194,12 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
         return error_response(request, 500, "internal_error", "internal server error")
+
+
+def _count_storage_error(request: Request, exc: InsufficientStorage) -> None:
+    """Counted where the 507 is answered: with front ends, the engine service's refusal is
+    answered (and counted) by the front end, once."""
+    log.error("%s", exc.message)
+    svc = getattr(request.app.state, "services", None)
+    if svc is not None:
+        svc.metrics.registry_write_errors.labels(exc.reason).inc()

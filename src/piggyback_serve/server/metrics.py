@@ -17,6 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from piggyback_serve.server.frontends import MULTIPROCESS_DIR
+from piggyback_serve.server.registry.base import STORAGE_ADVICE
 
 # The `task` label of a request that named no known task: not a valid task name, so it can't
 # be mistaken for one, and random names in requests add no label values.
@@ -50,6 +51,14 @@ class Metrics:
             "piggy_errors", "Error answers by task and error code", ["task", "code"], registry=r
         )
         self.images = Counter("piggy_images", "Images classified", ["task"], registry=r)
+        self.registry_write_errors = Counter(
+            "piggy_registry_write_errors",
+            "Uploads and deletes the registry could not store (507), by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in STORAGE_ADVICE:  # shown at 0 from the start, so that rate() sees the first
+            self.registry_write_errors.labels(reason)
         self.queue_wait = Histogram(
             "piggy_queue_wait_seconds",
             "Time an image waited in its task queue",

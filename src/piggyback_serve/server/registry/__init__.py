@@ -7,6 +7,7 @@ from piggyback_serve.server.registry.base import (
     Entry,
     Registry,
     RegistryError,
+    StorageError,
     valid_name,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "REMOTE_SCHEMES",
     "Registry",
     "RegistryError",
+    "StorageError",
     "open_registry",
     "valid_name",
 ]

@@ -24,6 +24,29 @@ class RegistryError(Exception):
     """The registry can't be reached or can't do what was asked."""
 
 
+# What to do about each way a registry can refuse to store: said in the 507's message.
+STORAGE_ADVICE = {
+    "no_space": "free space on the disk that holds it",
+    "quota": "free space there or raise the disk quota",
+    "read_only": "mount it read-write",
+    "permission": "let the server's user write to it (owner, mode)",
+    "out_of_memory": "raise Redis maxmemory, or delete tasks to free memory there",
+}
+
+
+class StorageError(RegistryError):
+    """The registry is there but cannot store: out of space or memory, read-only, not
+    permitted. Unlike an outage, waiting does not help: someone has to act (`advice`)."""
+
+    def __init__(self, url: str, reason: str, detail: str):
+        super().__init__(f"{url}: {detail}")
+        self.url, self.reason, self.detail = url, reason, detail
+
+    @property
+    def advice(self) -> str:
+        return STORAGE_ADVICE.get(self.reason, "check the registry")
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -37,7 +60,9 @@ class Registry(Protocol):
     url: str
 
     async def ping(self) -> None:
-        """Raise RegistryError when the backend can't be reached."""
+        """Raise RegistryError when the backend can't be reached. The server calls it once
+        as it starts (server/app.py): a backend may tidy up after a crash there (the folder
+        backend sweeps its stale temp files)."""
 
     async def list(self) -> dict[str, Entry]:
         """Every stored task, by name."""
@@ -50,10 +75,11 @@ class Registry(Protocol):
         its entry; or None. What listing a task needs, without reading its tensors."""
 
     async def put(self, name: str, data: bytes) -> Entry:
-        """Store (or atomically replace) a task's artifact."""
+        """Store (or atomically replace) a task's artifact; StorageError when the backend
+        refuses to (full, read-only...), with what was there before left as it was."""
 
     async def delete(self, name: str) -> bool:
-        """Remove a task; False when it wasn't there."""
+        """Remove a task; False when it wasn't there; StorageError when it may not."""
 
     async def close(self) -> None: ...
 

@@ -1,19 +1,67 @@
-"""The folder backend: one NAME.safetensors per task, written atomically."""
+"""The folder backend: one NAME.safetensors per task, written atomically.
+
+A write goes to a temp file beside its destination, `.NAME.safetensors.HOST.PID.XXXX.tmp`,
+which is fsynced, renamed over the destination, and the folder fsynced: readers see the old
+file or the new one, never a torn one, and a crash leaves at most a temp file. Those are
+swept when a server starts (`ping`)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
+import re
+import socket
+import tempfile
+import time
 from pathlib import Path
 
-from piggyback_serve.masks.artifact import write_atomic
-from piggyback_serve.server.registry.base import Entry, RegistryError, header_size, valid_name
+from piggyback_serve.server.registry.base import (
+    Entry,
+    RegistryError,
+    StorageError,
+    header_size,
+    valid_name,
+)
+
+log = logging.getLogger("piggy.serve")
 
 SUFFIX = ".safetensors"
+# A temp file no live writer could still be writing: the folder may be shared by servers on
+# other hosts (whose processes we cannot see), and a write of the largest artifact takes
+# seconds; an unfinished write also touches its file with every chunk.
+STALE_S = 600.0
+_TEMP = re.compile(r"^\.(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.safetensors\.(?P<rest>.+)\.tmp$")
+_WRITER = re.compile(r"^(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[^.]+$")
+
+# Errors that say the folder can't take the write (not that it is unreachable): a 507.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "quota",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+}
 
 
 def _entry(name: str, stat: os.stat_result) -> Entry:
     return Entry(name, f"{stat.st_mtime_ns:x}-{stat.st_size:x}-{stat.st_ino:x}", stat.st_size)
+
+
+def _host() -> str:
+    """This host's name as a temp-file token: no dots, so the name parses back."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class DirRegistry:
@@ -25,14 +73,50 @@ class DirRegistry:
 
     async def ping(self) -> None:
         await asyncio.to_thread(self._ping)
+        await asyncio.to_thread(self.sweep)
 
     def _ping(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RegistryError(f"{self.url}: {exc}") from exc
+            raise self._error(exc) from exc
         if not os.access(self.path, os.R_OK | os.X_OK):
             raise RegistryError(f"{self.url}: not readable")
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove the temp files crashed writes left; how many. Run as a server starts.
+
+        A temp file goes when it is older than STALE_S, or when its name says it was
+        written on this host by a process that is gone or is this one (nothing of ours is
+        in flight as we start): a fresh temp file of another live server on this host, or
+        of one on another host sharing the folder, is left to its writer."""
+        now = time.time() if now is None else now
+        host, removed = _host(), 0
+        try:
+            items = list(os.scandir(self.path))
+        except OSError as exc:
+            log.warning("registry %s: temp files not swept: %s", self.url, exc)
+            return 0
+        for item in items:
+            found = _TEMP.match(item.name)
+            if found is None or not item.is_file(follow_symlinks=False):
+                continue
+            writer = _WRITER.match(found["rest"])
+            try:
+                stale = now - item.stat(follow_symlinks=False).st_mtime > STALE_S
+                if writer is not None and writer["host"] == host:
+                    pid = int(writer["pid"])
+                    stale = stale or pid == os.getpid() or not _alive(pid)
+                if stale:
+                    os.unlink(item.path)
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed it, or another server swept it
+                continue
+            except OSError as exc:
+                log.warning("registry %s: temp file %s not removed: %s", self.url, item.name, exc)
+        if removed:
+            log.info("registry %s: removed %d stale temp files", self.url, removed)
+        return removed
 
     async def list(self) -> dict[str, Entry]:
         return await asyncio.to_thread(self._list)
@@ -85,20 +169,44 @@ class DirRegistry:
         return await asyncio.to_thread(self._put, name, data)
 
     def _put(self, name: str, data: bytes) -> Entry:
+        dest = self._file(name)
         self._ping()
-        dest = write_atomic(self._file(name), data)
+        try:
+            self._write(dest, data)
+            return _entry(name, dest.stat())
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _write(self, dest: Path, data: bytes) -> None:
+        """Temp file, fsync, rename, fsync the folder; the temp file goes on any failure."""
+        prefix = f".{dest.name}.{_host()}.{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=prefix, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self._fsync_dir()
-        return _entry(name, dest.stat())
 
     async def delete(self, name: str) -> bool:
         return await asyncio.to_thread(self._delete, name)
 
     def _delete(self, name: str) -> bool:
+        file = self._file(name)
         try:
-            self._file(name).unlink()
+            file.unlink()
         except FileNotFoundError:
             return False
-        self._fsync_dir()
+        except OSError as exc:
+            raise self._error(exc) from exc
+        try:
+            self._fsync_dir()
+        except OSError as exc:
+            raise self._error(exc) from exc
         return True
 
     async def close(self) -> None:
@@ -116,3 +224,12 @@ class DirRegistry:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _error(self, exc: OSError) -> RegistryError:
+        """StorageError when the folder refuses the write (full, read-only...), else a
+        RegistryError (an outage: the folder's disk gone, say)."""
+        reason = _STORAGE_ERRNOS.get(exc.errno)
+        detail = exc.strerror or str(exc)
+        if reason is not None:
+            return StorageError(self.url, reason, detail)
+        return RegistryError(f"{self.url}: {exc}")

@@ -26,9 +26,15 @@ import logging
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
-from piggyback_serve.server.registry.base import Entry, RegistryError, header_size, valid_name
+from piggyback_serve.server.registry.base import (
+    Entry,
+    RegistryError,
+    StorageError,
+    header_size,
+    valid_name,
+)
 
 log = logging.getLogger("piggy.serve")
 
@@ -74,6 +80,8 @@ class RedisRegistry:
         return f"{self.prefix}task:{name}"
 
     def _error(self, exc: Exception) -> RegistryError:
+        if isinstance(exc, OutOfMemoryError):  # past maxmemory with noeviction: a 507
+            return StorageError(self.url, "out_of_memory", f"{type(exc).__name__}: {exc}")
         return RegistryError(f"{self.url}: {type(exc).__name__}: {exc}")
 
     async def ping(self) -> None:

@@ -49,7 +49,7 @@ async def get_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
     response_model=TaskInfo,
     status_code=201,
     dependencies=[Depends(require_admin)],
-    responses=responses(400, 401, 403, 413, 422, 503),
+    responses=responses(400, 401, 403, 413, 422, 503, 507),
     summary="Upload (or replace) a task: the artifact file as the raw body",
     description="The task is served under the URL's name whatever the artifact's own `task` "
     "field says; the answer's `artifact_task` is that field, so a client can see a mismatch.",
@@ -77,7 +77,7 @@ async def put_task(request: Request, name: TaskName, svc: ServicesDep) -> TaskIn
     ONE_TASK,
     status_code=204,
     dependencies=[Depends(require_admin)],
-    responses=responses(400, 401, 403, 404, 503),
+    responses=responses(400, 401, 403, 404, 503, 507),
     summary="Remove a task",
 )
 async def delete_task(name: TaskName, svc: ServicesDep) -> Response:
