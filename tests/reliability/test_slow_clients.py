@@ -79,8 +79,13 @@ def trickle(socks: list[socket.socket], bound_s: float) -> dict[int, float]:
     return closed
 
 
-def test_slow_head_senders_are_closed_while_normal_clients_are_served(tmp_path, registry_dir):
-    env = dict(PIGGY_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), PIGGY_GRPC_PORT="0")
+@pytest.mark.parametrize("frontends", ["1", "2"])  # one process; front ends and an engine
+def test_slow_head_senders_are_closed_while_normal_clients_are_served(
+    tmp_path, registry_dir, frontends
+):
+    env = dict(
+        PIGGY_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), PIGGY_GRPC_PORT="0", PIGGY_FRONTENDS=frontends
+    )
     with started(tmp_path, registry_dir, **env) as (_proc, url, _log):
         socks = [connect(url) for _ in range(TRICKLERS)]
         try:
