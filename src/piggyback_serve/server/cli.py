@@ -163,11 +163,9 @@ def _main(argv: list[str] | None) -> int:
     return serve(create_app(settings, backbone), sock, args.log_level, settings)
 
 
-def serve(app, sock: socket.socket, log_level: str, settings: Settings | None = None) -> int:
-    """uvicorn on a bound socket until SIGTERM or SIGINT: 0 after a clean stop, 3 when the
-    app failed during startup. `settings`: the app's; None reads them from the environment,
-    as a front end's app did (server/frontend.py)."""
-    settings = settings or Settings()
+def serve(app, sock: socket.socket, log_level: str, settings: Settings) -> int:
+    """uvicorn on a bound socket, with the app's settings, until SIGTERM or SIGINT: 0 after
+    a clean stop, 3 when the app failed during startup."""
     host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line
     http = functools.partial(DrainingHTTP, header_timeout_s=settings.header_timeout_s)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http)

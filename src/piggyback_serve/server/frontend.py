@@ -36,7 +36,7 @@ def _main(argv: list[str] | None) -> int:
     sock = socket.socket(fileno=args.fd)
     settings = Settings()
     app = create_app(settings, engine_address=args.engine)
-    return serve(app, sock, args.log_level)
+    return serve(app, sock, args.log_level, settings)
 
 
 if __name__ == "__main__":
