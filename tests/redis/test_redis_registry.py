@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from piggyback_serve.server.registry import RegistryError, open_registry
+from piggyback_serve.server.registry import RegistryError, StorageError, open_registry
 from piggyback_serve.server.registry.redis import RedisRegistry
+from tests.server.server_support import metric, png, serving, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -149,3 +150,52 @@ async def test_down_redis_fails_fast_and_comes_back(redis_server):
 def test_a_malformed_url_is_a_registry_error():
     with pytest.raises(RegistryError):
         open_registry("redis://host:notaport/0")
+
+
+def _out_of_memory(redis_server) -> None:
+    """Past 1 MB, writes are refused rather than keys evicted (Redis' OOM error)."""
+    assert redis_server.command("CONFIG", "SET", "maxmemory", "1mb").startswith(b"+OK")
+    policy = redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    assert policy.startswith(b"+OK")
+
+
+async def test_redis_out_of_memory_is_a_storage_error(redis_server):
+    registry = open_registry(redis_server.url)
+    try:
+        await registry.put("small", b"x")
+        _out_of_memory(redis_server)
+        with pytest.raises(StorageError) as caught:
+            await registry.put("big", b"y" * (2 << 20))
+        assert caught.value.reason == "out_of_memory" and caught.value.url == redis_server.url
+        assert "maxmemory" in caught.value.advice
+        # Reads still work (no transaction: Redis refuses those whole), and the write was
+        # all or nothing.
+        assert set(await registry.list()) == {"small"}
+        assert (await registry.read("small"))[0] == b"x"
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")  # what the operator does
+        await registry.put("big", b"y" * (2 << 20))
+        assert set(await registry.list()) == {"small", "big"}
+    finally:
+        await registry.close()
+
+
+async def test_redis_out_of_memory_answers_507(
+    tmp_path, redis_server, redis_artifacts, redis_backbone
+):
+    settings = settings_for(tmp_path, tmp_path, admin_token="t0ken")
+    settings = settings.model_copy(update={"registry": redis_server.url})
+    auth = {"Authorization": "Bearer t0ken"}
+    async with serving(settings, redis_backbone) as client:
+        r = await client.put("/tasks/a", content=redis_artifacts["a"], headers=auth)
+        assert r.status_code == 201, r.text
+        _out_of_memory(redis_server)
+        # Past 1 MB with `a` stored: Redis refuses the write (`b` is valid, 0.7 MB).
+        r = await client.put("/tasks/a", content=redis_artifacts["b"], headers=auth)
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert error["code"] == "insufficient_storage"
+        assert redis_server.url in error["message"] and "maxmemory" in error["message"]
+        r = await client.post("/predict?task=a", content=png(1))
+        assert r.status_code == 200 and r.json()["results"][0]["top"][0]["label"].startswith("a-")
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_registry_write_errors_total", reason="out_of_memory") == 1

@@ -30,7 +30,7 @@ STORAGE_ADVICE = {
     "quota": "free space there or raise the disk quota",
     "read_only": "mount it read-write",
     "permission": "let the server's user write to it (owner, mode)",
-    "out_of_memory": "raise Redis maxmemory, or delete tasks to free memory there",
+    "out_of_memory": "raise Redis maxmemory (CONFIG SET maxmemory) or free memory there",
 }
 
 

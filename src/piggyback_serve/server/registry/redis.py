@@ -91,8 +91,12 @@ class RedisRegistry:
             raise self._error(exc) from exc
 
     async def list(self) -> dict[str, Entry]:
+        # One round trip, but no MULTI: Redis past maxmemory refuses every command queued
+        # in a transaction, reads too, and a listing must keep working then. The counter
+        # is read first: a write landing between the two reads shows in the index under
+        # the older count, which only costs one more listing (`wait_change`).
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._client.pipeline(transaction=False) as pipe:
                 seq, index = await pipe.get(self._seq_key).hgetall(self._index).execute()
         except RedisError as exc:
             raise self._error(exc) from exc
