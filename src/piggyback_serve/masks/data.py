@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from piggyback_serve.masks.decode import decode_jpegs_on_device, is_jpeg, open_image
+from piggyback_serve.masks.decode import decode_jpegs_on_device, fit, is_jpeg, open_image
 from piggyback_serve.masks.decode import upright as upright  # still importable from here
 from piggyback_serve.masks.errors import MasksError
 
@@ -43,15 +43,8 @@ def to_tensor(image: Image.Image, size: int, mean: Sequence[float], std: Sequenc
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """RGB, shorter side resized to `size`, centre crop: uint8 [3, size, size] (a view)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    return fit(pixels, size)
 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

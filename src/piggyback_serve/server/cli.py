@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 
+import torch
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -166,6 +167,9 @@ def _main(argv: list[str] | None) -> int:
 def serve(app, sock: socket.socket, log_level: str, settings: Settings) -> int:
     """uvicorn on a bound socket, with the app's settings, until SIGTERM or SIGINT: 0 after
     a clean stop, 3 when the app failed during startup."""
+    # This process decodes and resizes (masks.decode.fit: torch's kernel), in a thread per
+    # request: one torch thread each, as the engine workers run, not a pool per call.
+    torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line
     http = functools.partial(DrainingHTTP, header_timeout_s=settings.header_timeout_s)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http)
