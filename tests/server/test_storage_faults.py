@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from piggyback_serve.server.catalog import _insufficient
+from piggyback_serve.server.errors import InsufficientStorage, rebuilt
+from piggyback_serve.server.registry import StorageError
 from tests.server.server_support import metric, png, serving, settings_for
 from tests.server.test_e2e import piggy_serve
 
@@ -88,14 +91,17 @@ async def test_a_read_only_folder_is_a_507_for_uploads_and_deletes(tmp_path, tas
             assert metric(text, "piggy_registry_write_errors_total", reason="read_only") == 2
 
 
-def test_the_connection_stays_usable_after_a_507(tmp_path, task_files):
-    """Over real TCP: the 507 and a prediction after it on one keep-alive connection."""
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_the_connection_stays_usable_after_a_507(tmp_path, task_files, frontends):
+    """Over real TCP: the 507 and a prediction after it on one keep-alive connection; with
+    front ends, the engine service's refusal answered and counted by the front end."""
     with small_tmpfs(tmp_path / "full", task_files["alpha"]) as folder:
         env = dict(
             PIGGY_BACKBONE="resnet18",
             PIGGY_BACKBONE_WEIGHTS="random",
             PIGGY_REGISTRY=f"dir:{folder}",
             PIGGY_ADMIN_TOKEN=TOKEN,
+            PIGGY_FRONTENDS=frontends,
         )
         with piggy_serve(tmp_path, **env) as client:
             url = client.base_url
@@ -115,3 +121,14 @@ def test_the_connection_stays_usable_after_a_507(tmp_path, task_files):
             finally:
                 conn.close()
             assert [p.name for p in folder.iterdir()] == ["alpha.safetensors"]
+            text = client.get("/metrics").text
+            assert metric(text, "piggy_registry_write_errors_total", reason="no_space") == 1
+
+
+def test_the_reason_crosses_from_the_engine_service():
+    """A front end rebuilds the service's 507 with its reason (errors.rebuilt)."""
+    cause = StorageError("dir:/srv/tasks", "read_only", "Read-only file system")
+    sent = _insufficient(cause, "cannot store task 'x'")
+    again = rebuilt(sent.status, sent.code, sent.message, sent.headers)
+    assert isinstance(again, InsufficientStorage) and again.reason == "read_only"
+    assert again.status == 507 and again.message == sent.message
