@@ -61,7 +61,8 @@ def open_image(
 def upright(image: Image.Image) -> Image.Image:
     """As a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bits
     (Pillow's own convert("RGB") would clip every value above 255 to white)."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # else no copy (py-spy saw it)
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or values.max(initial=0) > 255:

@@ -4,10 +4,12 @@ One bounded queue per task. A batch mixes tasks: the scheduler fills one from ev
 queue, oldest image first (a hot task cannot starve a cold one), taking only images of the
 oldest image's shape (one batch, one tensor), and submits it to the engine pool, which
 picks the worker, runs it and retries (`EnginePool.submit`). A batch is formed when an
-engine worker is idle and max_batch_size images wait, or the oldest has waited max_delay,
-or another worker is busy (the engine is in use: an idle worker takes what waits at once
-rather than wait to fill a batch). Waiting images are shared out among the idle workers,
-so that 8 images and 2 idle workers make 2 batches of 4, not one of 8 and an idle core.
+engine worker is idle and max_batch_size images wait or the oldest has waited max_delay,
+whether or not another worker is busy. Waiting images are shared out among the idle
+workers, so that 8 images and 2 idle workers make 2 batches of 4, not one of 8 and an idle
+core. (An idle worker taking each image at once while another was busy kept both busy
+too, but cut the mean batch from 8 to 2.6 and cost 1.8x the engine CPU per image on the
+CPU: bench/results/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ class Batcher:
         while True:
             self._wake.clear()
             idle = self.engine.idle_workers
-            ready, deadline = self._pick(busy=self.engine.busy_workers > 0)
+            ready, deadline = self._pick()
             if ready and idle:
                 size = min(self.max_batch_size, math.ceil(self.depth() / idle))
                 batch = self._take(size)
@@ -128,7 +130,7 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _pick(self, busy: bool) -> tuple[bool, float | None]:
+    def _pick(self) -> tuple[bool, float | None]:
         """Whether a batch is ready now, else when the oldest image makes one ready."""
         oldest, waiting = None, 0
         for name, queue in list(self._queues.items()):
@@ -142,9 +144,7 @@ class Batcher:
                 oldest = queue[0].enqueued
         if oldest is None:
             return False, None
-        if busy or waiting >= self.max_batch_size:
-            return True, None
-        if time.monotonic() - oldest >= self.max_delay_s:
+        if waiting >= self.max_batch_size or time.monotonic() - oldest >= self.max_delay_s:
             return True, None
         return False, oldest + self.max_delay_s
 

@@ -215,10 +215,6 @@ class EnginePool:
         return sum(h.idle for h in self._handles.values())
 
     @property
-    def busy_workers(self) -> int:
-        return sum(h.pending is not None for h in self._handles.values())
-
-    @property
     def alive(self) -> int:
         return sum(h.state == "ready" for h in self._handles.values())
 
