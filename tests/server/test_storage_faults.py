@@ -89,6 +89,8 @@ async def test_a_read_only_folder_is_a_507_for_uploads_and_deletes(tmp_path, tas
             assert (await client.post("/predict?task=alpha", content=png(2))).status_code == 200
             text = (await client.get("/metrics")).text
             assert metric(text, "piggy_registry_write_errors_total", reason="read_only") == 2
+            spec = (await client.get("/openapi.json")).json()["paths"]["/tasks/{name}"]
+            assert "507" in spec["put"]["responses"] and "507" in spec["delete"]["responses"]
 
 
 @pytest.mark.parametrize("frontends", ["1", "2"])
