@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from piggyback_serve.client import errors as client_errors
 from piggyback_serve.server.catalog import _insufficient
 from piggyback_serve.server.errors import InsufficientStorage, rebuilt
 from piggyback_serve.server.registry import StorageError
@@ -134,3 +135,9 @@ def test_the_reason_crosses_from_the_engine_service():
     again = rebuilt(sent.status, sent.code, sent.message, sent.headers)
     assert isinstance(again, InsufficientStorage) and again.reason == "read_only"
     assert again.status == 507 and again.message == sent.message
+
+
+def test_the_client_raises_insufficient_storage_for_a_507():
+    error = client_errors.api_error(507, "insufficient_storage", "registry dir:/x cannot store")
+    assert isinstance(error, client_errors.InsufficientStorage) and error.status == 507
+    assert not isinstance(error, client_errors.Unavailable)  # 503s are retried; 507s not
