@@ -132,7 +132,7 @@ def test_the_reason_crosses_from_the_engine_service():
     """A front end rebuilds the service's 507 with its reason (errors.rebuilt)."""
     cause = StorageError("dir:/srv/tasks", "read_only", "Read-only file system")
     sent = _insufficient(cause, "cannot store task 'x'")
-    again = rebuilt(sent.status, sent.code, sent.message, sent.headers)
+    again = rebuilt(sent.status, sent.code, sent.message, sent.headers, sent.reason)
     assert isinstance(again, InsufficientStorage) and again.reason == "read_only"
     assert again.status == 507 and again.message == sent.message
 

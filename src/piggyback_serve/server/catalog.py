@@ -357,7 +357,7 @@ class Catalog:
 
 
 def _insufficient(exc: StorageError, what: str) -> InsufficientStorage:
-    """The 507: which registry, what failed, and (last: errors.rebuilt reads it) what to do."""
+    """The 507: which registry, what failed, and what to do."""
     return InsufficientStorage(f"registry {exc.url} {what}: {exc.detail}; {exc.advice}", exc.reason)
 
 

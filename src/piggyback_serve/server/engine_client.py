@@ -236,8 +236,8 @@ class EngineClient:
                 task.add_done_callback(self._reloading.discard)
             case Answer(request_id) | Stored(request_id) | Deleted(request_id):
                 self._resolve(request_id, message, None)
-            case Refused(request_id, status, code, text, headers):
-                self._resolve(request_id, None, rebuilt(status, code, text, headers))
+            case Refused(request_id, status, code, text, headers, reason):
+                self._resolve(request_id, None, rebuilt(status, code, text, headers, reason))
 
     async def _reload(self, change_id: int, name: str) -> None:
         try:

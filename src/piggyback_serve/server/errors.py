@@ -14,7 +14,6 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piggyback_serve.masks.errors import ArtifactError, MasksError
-from piggyback_serve.server.registry.base import STORAGE_ADVICE
 
 log = logging.getLogger("piggy.serve")
 
@@ -108,12 +107,12 @@ class InsufficientStorage(ServeError):
         self.reason = reason  # the label of piggy_registry_write_errors_total
 
 
-def rebuilt(status: int, code: str, message: str, headers: dict[str, str]) -> ServeError:
+def rebuilt(
+    status: int, code: str, message: str, headers: dict[str, str], reason: str | None = None
+) -> ServeError:
     """An error the engine service answered (server/protocol.py's Refused), as raised there."""
     if code == InsufficientStorage.code:  # counted by the front end that answers it
-        # The message ends with the advice for its reason (catalog.py writes it so).
-        reason = next((r for r, a in STORAGE_ADVICE.items() if message.endswith(a)), "unknown")
-        return InsufficientStorage(message, reason)
+        return InsufficientStorage(message, reason or "unknown")
     error = ServeError(message, headers)
     error.status, error.code = status, code
     return error

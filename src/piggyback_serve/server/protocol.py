@@ -195,13 +195,14 @@ class Answer:
 
 @dataclass(frozen=True)
 class Refused:
-    """An error as the HTTP API answers it (server/errors.py's ApiError, rebuilt there)."""
+    """An error as the HTTP API answers it (server/errors.py's ServeError, rebuilt there)."""
 
     request_id: int
     status: int
     code: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # InsufficientStorage's, the label of its metric
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,10 @@ class ServiceSocket:
                     log.error("engine service: unknown message %r", type(message).__name__)
                     return
         except ServeError as exc:
-            reply = Refused(message.request_id, exc.status, exc.code, exc.message, exc.headers)
+            reason = getattr(exc, "reason", None)
+            reply = Refused(
+                message.request_id, exc.status, exc.code, exc.message, exc.headers, reason
+            )
         except Exception as exc:  # a bug here must not end the connection
             log.exception("engine service: %s failed", type(message).__name__)
             reply = Refused(message.request_id, 500, "internal_error", f"{type(exc).__name__}")
