@@ -196,10 +196,11 @@ def write(artifact: TaskArtifact, path: str | Path, version: str = FORMAT_VERSIO
     return write_atomic(Path(path), to_bytes(artifact, version))
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """A temp file in the same folder, fsync, rename: readers see the old or the new file."""
+def write_atomic(path: Path, data: bytes, tag: str = "") -> Path:
+    """A temp file in the same folder (`.NAME.<tag>XXXX.tmp`), fsync, rename: readers see
+    the old or the new file; the temp file goes on any failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag}", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

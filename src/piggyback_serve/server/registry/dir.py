@@ -13,10 +13,10 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 from pathlib import Path
 
+from piggyback_serve.masks.artifact import write_atomic
 from piggyback_serve.server.registry.base import (
     Entry,
     RegistryError,
@@ -178,18 +178,9 @@ class DirRegistry:
             raise self._error(exc) from exc
 
     def _write(self, dest: Path, data: bytes) -> None:
-        """Temp file, fsync, rename, fsync the folder; the temp file goes on any failure."""
-        prefix = f".{dest.name}.{_host()}.{os.getpid()}."
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=prefix, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Temp file named by host and pid (the sweep reads them), fsync, rename, fsync the
+        folder; the temp file goes on any failure."""
+        write_atomic(dest, data, tag=f"{_host()}.{os.getpid()}.")
         self._fsync_dir()
 
     async def delete(self, name: str) -> bool:
