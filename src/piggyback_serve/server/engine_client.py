@@ -104,9 +104,6 @@ class EngineClient:
 
     # -- the batcher's and the pool's surface (read from the pushed status) -----------------
 
-    def start_batching(self) -> None:
-        """Nothing to start here: the service forms the batches."""
-
     def depth(self, name: str | None = None) -> int:
         return self.status.queue_depth if self.status else 0
 

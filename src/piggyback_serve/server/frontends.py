@@ -79,14 +79,13 @@ class Supervisor:
 
     async def _run(self) -> int:
         from piggyback_serve.server.app import close, services_for, start
+        from piggyback_serve.server.cli import listen_socket
         from piggyback_serve.server.service_socket import ServiceSocket
 
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        from piggyback_serve.server.cli import listen_socket
-
         # The port was bound (and found free) before the backbone loaded; now one socket
         # per front end takes it over. Connections queue in them until a front end runs.
         host, port = self.probe.getsockname()[:2]

@@ -117,11 +117,12 @@ class Services:
         catalog = self.catalog
         tasks = list(catalog.tasks.values()) if catalog else []
         workers = engine.workers()
+        tiers = self.tiers()
         return {
             "task_switches": sum(w.switches for w in workers),
             "mixed_batches": sum(w.mixed for w in workers),
-            "task_state_bytes": self.tiers()["host"].bytes if "host" in self.tiers() else 0,
-            "tiers": self.tiers(),
+            "task_state_bytes": tiers["host"].bytes if "host" in tiers else 0,
+            "tiers": tiers,
             "tasks_failed": len(self.failed()),
             "device_task_state_bytes": engine.device_state_bytes,
             "working_copy_bytes": engine.working_copy_bytes,
