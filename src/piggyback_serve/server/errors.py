@@ -61,6 +61,23 @@ class InvalidArtifact(ServeError):
     status, code = 422, "invalid_artifact"
 
 
+class InvalidArchive(ServeError):
+    """A training archive refused: unsafe, too big once expanded, or not a folder per class
+    with enough images (server/jobs/archive.py); the message says which and what to do."""
+
+    status, code = 422, "invalid_archive"
+
+
+class JobNotFound(ServeError):
+    status, code = 404, "job_not_found"
+
+
+class JobFinished(ServeError):
+    """A cancel for a training job that already ended."""
+
+    status, code = 409, "job_finished"
+
+
 class BatchFailed(ServeError):
     """The engine raised while running a batch: only that batch's requests get it."""
 
@@ -131,10 +148,11 @@ _DESCRIPTIONS = {
     400: "Bad parameter",
     401: "Token missing (admin token; predict token where one is set)",
     403: "Token wrong",
-    404: "Unknown task",
-    413: "Body, image or artifact too large",
+    404: "Unknown task or job",
+    409: "The job already ended",
+    413: "Body, image, artifact or archive too large",
     415: "Not an image",
-    422: "Invalid artifact",
+    422: "Invalid artifact or training archive",
     500: "The batch holding this request failed (the server goes on)",
     503: "Overloaded, an engine worker lost (see Retry-After), or not ready",
     504: "Timed out",

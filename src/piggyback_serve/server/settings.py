@@ -82,6 +82,23 @@ class Settings(BaseSettings):
     max_pixels: int = Field(Image.MAX_IMAGE_PIXELS or 89_478_485, ge=1)
     max_images: int = Field(64, ge=1)
 
+    # Training jobs (POST /tasks/{name}/train, server/jobs): jobs run at once, each in a
+    # process of its own (queued beyond); on the CPU each with `train_threads` torch threads,
+    # so that serving keeps its cores.
+    train_workers: int = Field(1, ge=1)
+    train_threads: int = Field(1, ge=1)
+    # Untrusted training archives (server/jobs/archive.py), checked while streaming: the
+    # upload's size, what it expands to, how many entries, each image's pixels (max_pixels),
+    # and the images each class needs at least.
+    max_archive_bytes: int = Field(256 * MiB, ge=1)
+    max_archive_expanded_bytes: int = Field(512 * MiB, ge=1)
+    max_archive_files: int = Field(20_000, ge=1)
+    min_class_images: int = Field(2, ge=1)
+    # A copy of every artifact served here, kept on local disk (home/artifacts) up to this
+    # many bytes, least recently used dropped: what a replica keeps serving, and writes back
+    # with POST /registry/restore, when its registry comes back empty.
+    artifact_cache_bytes: int = Field(1024 * MiB, ge=0)
+
     admin_token: SecretStr | None = None
     # When set, predictions (POST /predict, /v2/models/*/infer) need it (or the admin token).
     predict_token: SecretStr | None = None
