@@ -4,18 +4,27 @@ Both take the same arguments and have the same methods; they build the same requ
 read the same answers (`_Api`), and differ only in how they send them. A 503 (overloaded,
 not ready) is retried with exponential backoff, honouring the server's `Retry-After`.
 Nothing here imports torch or Pillow: a PIL image is recognised by its `save` method.
+
+Training jobs (`Client.train`, `job`, `jobs`, `cancel_job`, `job_events`, `wait_job`) are the
+sync client's; AsyncClient has `job`, `jobs`, `cancel_job` and `restore_registry`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import io
+import json
 import mimetypes
 import os
 import random
+import stat
+import tarfile
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +32,16 @@ from typing import IO, Any, TypeVar, Union
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import connect_sse
 
-from piggyback_serve.client.errors import PiggyError, TransportError, api_error
-from piggyback_serve.client.results import Health, Prediction, TaskInfo
+from piggyback_serve.client.errors import (
+    JobTimeout,
+    PiggyError,
+    TransportError,
+    Unavailable,
+    api_error,
+)
+from piggyback_serve.client.results import Health, Job, Prediction, TaskInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
@@ -126,6 +142,29 @@ class _Api:
         # Not retried: "not ready" is the answer the caller wants to see.
         return _Call("GET", "/readyz", Health.from_json, retry=False)
 
+    def _job_client(self) -> Any:
+        """What a Job follows itself with (job.wait()): the sync client, None for async."""
+        return None
+
+    def _read_job(self, data: dict) -> Job:
+        return Job.from_json(data, self._job_client())
+
+    def _jobs(self) -> _Call:
+        return _Call("GET", "/jobs", lambda d: [self._read_job(j) for j in d["jobs"]])
+
+    def _job(self, job_id: str) -> _Call:
+        return _Call("GET", job_path(job_id), self._read_job)
+
+    def _cancel_job(self, job_id: str) -> _Call:
+        return _Call("DELETE", job_path(job_id), self._read_job)
+
+    def _restore_registry(self) -> _Call:
+        return _Call("POST", "/registry/restore")
+
+    def job_url(self, job_id: str) -> str:
+        """The job's address on the server (GET it for its state)."""
+        return self.url.rstrip("/") + job_path(job_id)
+
     def _policy(self, call: _Call) -> Retry:
         return self.retry if call.retry else NO_RETRY
 
@@ -142,6 +181,95 @@ def task_path(name: str) -> str:
     Dots too: httpx would resolve `..` and send `/tasks/../etc` as `/etc`. The server
     decides what a valid name is and answers a bad one with 400 invalid task name."""
     return "/tasks/" + quote(name, safe="").replace(".", "%2E")
+
+
+def job_path(job_id: str) -> str:
+    """/jobs/ID, the id encoded like a task name (task_path)."""
+    return "/jobs/" + quote(job_id, safe="").replace(".", "%2E")
+
+
+# The training options of POST /tasks/{name}/train, as Client.train's keywords.
+TRAIN_OPTIONS = (
+    "epochs",
+    "min_steps",
+    "batch_size",
+    "lr_mask",
+    "lr_head",
+    "threshold",
+    "train_norm",
+    "input_size",
+    "held_out",
+    "seed",
+    "description",
+)
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def pack_folder(folder: str | os.PathLike, out: IO[bytes]) -> int:
+    """Write `folder` as a tar.gz to `out`: its class folders at the archive's root, regular
+    files only (no links, devices or hidden files and folders, the names starting with a
+    dot), owners and modes dropped. Returns how many files it holds. Streams: memory stays
+    flat whatever the folder's size."""
+    root = Path(folder)
+    count = 0
+    # compresslevel 1: images are compressed already; a higher level costs CPU for ~nothing.
+    with tarfile.open(fileobj=out, mode="w:gz", compresslevel=1) as tar:
+        for here, dirs, files in os.walk(root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                path = Path(here, name)
+                info = os.lstat(path)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                member = tarfile.TarInfo(path.relative_to(root).as_posix())
+                member.size, member.mtime, member.mode = info.st_size, int(info.st_mtime), 0o644
+                with open(path, "rb") as f:
+                    tar.addfile(member, f)
+                count += 1
+    return count
+
+
+@contextmanager
+def training_archive(source: str | os.PathLike | bytes) -> Iterator[tuple[IO[bytes], int]]:
+    """(an open binary file, its size) to send as a training archive: a folder packed as
+    tar.gz into a temporary file (removed after), a .zip/.tar/.tar.gz/.tgz file as it is,
+    or an archive's bytes. ValueError for anything else; FileNotFoundError if missing."""
+    if isinstance(source, bytes | bytearray):
+        yield io.BytesIO(source), len(source)
+        return
+    path = Path(source)
+    if path.is_dir():
+        with tempfile.TemporaryFile(prefix="piggy-train-", suffix=".tar.gz") as tmp:
+            if pack_folder(path, tmp) == 0:
+                raise ValueError(f"{path}: no files to train on (one folder per class)")
+            size = tmp.tell()
+            tmp.seek(0)
+            yield tmp, size
+    elif path.is_file():
+        if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            raise ValueError(
+                f"{path}: not a folder or a .zip, .tar, .tar.gz or .tgz archive of one folder "
+                "per class"
+            )
+        with open(path, "rb") as f:
+            yield f, os.fstat(f.fileno()).st_size
+    else:
+        raise FileNotFoundError(errno.ENOENT, "no such folder or archive", str(path))
+
+
+class _Chunks:
+    """A file's bytes in chunks, from its start each time it is iterated (a retried
+    request sends it again), never all of it in memory."""
+
+    def __init__(self, file: IO[bytes], chunk: int = 1 << 16):
+        self._file, self._chunk = file, chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._file.seek(0)
+        while chunk := self._file.read(self._chunk):
+            yield chunk
 
 
 def _error(response: httpx.Response):
@@ -237,6 +365,135 @@ class Client(_Api):
         """The server's readiness; raises Unavailable (503) when it is not ready."""
         return self._run(self._health())
 
+    def _job_client(self) -> Client:
+        return self
+
+    def train(
+        self,
+        name: str,
+        source: str | os.PathLike | bytes,
+        *,
+        epochs: int | None = None,
+        min_steps: int | None = None,
+        batch_size: int | None = None,
+        lr_mask: float | None = None,
+        lr_head: float | None = None,
+        threshold: float | None = None,
+        train_norm: bool | None = None,
+        input_size: int | None = None,
+        held_out: float | None = None,
+        seed: int | None = None,
+        description: str | None = None,
+    ) -> Job:
+        """Start training task `name` on the server from a folder of class folders (packed
+        as tar.gz in a temporary file, streamed) or a .zip/.tar/.tar.gz/.tgz archive of one;
+        the options left None are the server's defaults. Returns the queued Job at once:
+        `job.wait()` follows it to the end. Needs the admin token."""
+        options = dict(
+            epochs=epochs,
+            min_steps=min_steps,
+            batch_size=batch_size,
+            lr_mask=lr_mask,
+            lr_head=lr_head,
+            threshold=threshold,
+            train_norm=train_norm,
+            input_size=input_size,
+            held_out=held_out,
+            seed=seed,
+            description=description,
+        )
+        params = {k: v for k, v in options.items() if v is not None}
+        with training_archive(source) as (file, size):
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            kwargs = {"params": params, "content": _Chunks(file), "headers": headers}
+            return self._run(_Call("POST", task_path(name) + "/train", self._read_job, kwargs))
+
+    def jobs(self) -> list[Job]:
+        """Every training job the server knows, newest first."""
+        return self._run(self._jobs())
+
+    def job(self, job_id: str) -> Job:
+        return self._run(self._job(job_id))
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a queued or running job; Conflict (409 job_finished) if it already ended."""
+        return self._run(self._cancel_job(job_id))
+
+    def restore_registry(self) -> dict:
+        """Write the tasks this server serves but its registry lacks back into the registry:
+        {"restored": [names], "failed": {name: why}, "registry": url}."""
+        return self._run(self._restore_registry())
+
+    def job_events(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
+        """The job at once, then each time it changes, until its state is final (the
+        server's Server-Sent Events). `timeout`: seconds to wait for the next event (None:
+        no limit). A dropped stream raises TransportError."""
+        path = job_path(job_id) + "/events"
+        limits = httpx.Timeout(self.timeout, read=timeout)
+        try:
+            with connect_sse(self._http, "GET", path, timeout=limits) as source:
+                response = source.response
+                if response.is_error:
+                    response.read()
+                    raise _error(response)
+                for event in source.iter_sse():
+                    if event.event != "job":
+                        continue
+                    try:
+                        job = self._read_job(json.loads(event.data))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise TransportError(f"GET {self.url}{path}: bad event: {exc}") from exc
+                    yield job
+                    if job.done:
+                        return
+        except httpx.HTTPError as exc:
+            raise TransportError(f"GET {self.url}{path}: {exc}") from exc
+
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        *,
+        on_update: Callable[[Job], None] | None = None,
+        poll_s: float = 1.0,
+    ) -> Job:
+        """Follow job `job_id` until it is final and return the final Job, whatever its state
+        (`.raise_for_state()` raises unless it succeeded). Follows the events stream; if that
+        drops or is refused (503), polls GET /jobs/{id} every `poll_s`. `on_update(job)` is
+        called with each new state. JobTimeout after `timeout` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Job | None = None
+
+        def left() -> float | None:
+            return None if deadline is None else deadline - time.monotonic()
+
+        def seen(job: Job) -> Job:
+            nonlocal last
+            if on_update is not None and job != last:
+                on_update(job)
+            last = job
+            return job
+
+        first = left()
+        events = self.job_events(job_id, timeout=None if first is None else max(first, 0.001))
+        try:
+            with closing(events):
+                for job in events:
+                    if seen(job).done:
+                        return job
+                    if (remaining := left()) is not None and remaining <= 0:
+                        raise JobTimeout(job_id, timeout, job)
+        except (TransportError, Unavailable):
+            pass  # the stream dropped or was refused: poll instead
+        while True:
+            job = seen(self.job(job_id))
+            if job.done:
+                return job
+            remaining = left()
+            if remaining is not None and remaining <= 0:
+                raise JobTimeout(job_id, timeout, job)
+            time.sleep(poll_s if remaining is None else min(poll_s, remaining))
+
 
 class AsyncClient(_Api):
     """The same API for asyncio: `async with AsyncClient(url) as c: await c.predict(...)`."""
@@ -295,3 +552,15 @@ class AsyncClient(_Api):
 
     async def health(self) -> Health:
         return await self._run(self._health())
+
+    async def jobs(self) -> list[Job]:
+        return await self._run(self._jobs())
+
+    async def job(self, job_id: str) -> Job:
+        return await self._run(self._job(job_id))
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return await self._run(self._cancel_job(job_id))
+
+    async def restore_registry(self) -> dict:
+        return await self._run(self._restore_registry())

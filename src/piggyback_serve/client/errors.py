@@ -25,7 +25,11 @@ class AuthError(APIError):
 
 
 class NotFound(APIError):
-    """404: no such task."""
+    """404: no such task (task_not_found) or training job (job_not_found)."""
+
+
+class Conflict(APIError):
+    """409: a cancel for a training job that already ended (job_finished)."""
 
 
 class TooLarge(APIError):
@@ -38,6 +42,11 @@ class NotAnImage(APIError):
 
 class InvalidArtifact(APIError):
     """422: the uploaded artifact failed validation (the message names the field)."""
+
+
+class InvalidArchive(InvalidArtifact):
+    """422 invalid_archive: a training archive refused (unsafe, too big expanded, too many
+    files, fewer than two classes, a class with too few images: the message says which)."""
 
 
 class Unavailable(APIError):
@@ -57,11 +66,37 @@ class TransportError(PiggyError):
     """The server could not be reached, or the connection failed mid-request."""
 
 
+class JobFailed(PiggyError):
+    """A training job ended failed (Job.raise_for_state): `job`, and its error's `code` and
+    `message` (the server's, e.g. invalid_archive)."""
+
+    def __init__(self, job):
+        error = job.error
+        self.job = job
+        self.code = error.code if error else job.state
+        self.message = error.message if error else f"the job was {job.state}"
+        super().__init__(f"job {job.id} ({job.task}) {job.state}: {self.code}: {self.message}")
+
+
+class JobCancelled(JobFailed):
+    """A training job ended cancelled (Job.raise_for_state)."""
+
+
+class JobTimeout(PiggyError, TimeoutError):
+    """wait() gave up before the job ended; `job` is the last state seen (None if none)."""
+
+    def __init__(self, job_id: str, timeout: float, job=None):
+        state = f", still {job.state}" if job is not None else ""
+        super().__init__(f"job {job_id} not finished after {timeout:g} s{state}")
+        self.job_id, self.timeout, self.job = job_id, timeout, job
+
+
 _BY_STATUS = {
     400: BadRequest,
     401: AuthError,
     403: AuthError,
     404: NotFound,
+    409: Conflict,
     413: TooLarge,
     415: NotAnImage,
     422: InvalidArtifact,
@@ -71,6 +106,11 @@ _BY_STATUS = {
 }
 
 
+# A finer class than the status's, for some codes (still a subclass of the status's class).
+_BY_CODE = {(422, "invalid_archive"): InvalidArchive}
+
+
 def api_error(status: int, code: str, message: str, retry_after: float | None = None) -> APIError:
-    """The APIError subclass for `status`."""
-    return _BY_STATUS.get(status, APIError)(status, code, message, retry_after)
+    """The APIError subclass for `status` (and `code`)."""
+    cls = _BY_CODE.get((status, code)) or _BY_STATUS.get(status, APIError)
+    return cls(status, code, message, retry_after)
