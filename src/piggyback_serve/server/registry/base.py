@@ -81,6 +81,15 @@ class Registry(Protocol):
     async def delete(self, name: str) -> bool:
         """Remove a task; False when it wasn't there; StorageError when it may not."""
 
+    async def identity(self) -> str:
+        """This registry's identity token, created at first use and kept in the registry
+        itself (Redis: the key `{prefix}id`; a folder: its file `.piggy-registry-id`).
+        Servers racing to create it agree on one. A registry that comes back empty (Redis
+        restarted without its data, flushed, a new instance at the same address; a folder
+        emptied or gone) has lost it, so the next call answers a new token: the catalog
+        reads that as a reset, not as an order to delete every task (server/catalog.py).
+        RegistryError when it can't be read."""
+
     async def close(self) -> None: ...
 
     # Optional: `async def wait_change(self, timeout_s: float) -> bool` waits up to

@@ -3,16 +3,22 @@
 A write goes to a temp file beside its destination, `.NAME.safetensors.HOST.PID.XXXX.tmp`,
 which is fsynced, renamed over the destination, and the folder fsynced: readers see the old
 file or the new one, never a torn one, and a crash leaves at most a temp file. Those are
-swept when a server starts (`ping`)."""
+swept when a server starts (`ping`).
+
+The folder's identity token (`identity`) is the file `.piggy-registry-id` in it: a folder
+emptied, or removed and made again, has a new one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import re
+import secrets
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from piggyback_serve.server.registry.base import (
 log = logging.getLogger("piggy.serve")
 
 SUFFIX = ".safetensors"
+ID_FILE = ".piggy-registry-id"  # a dot first: never listed as a task
 # A temp file no live writer could still be writing: the folder may be shared by servers on
 # other hosts (whose processes we cannot see), and a write of the largest artifact takes
 # seconds; an unfinished write also touches its file with every chunk.
@@ -117,6 +124,48 @@ class DirRegistry:
         if removed:
             log.info("registry %s: removed %d stale temp files", self.url, removed)
         return removed
+
+    async def identity(self) -> str:
+        return await asyncio.to_thread(self._identity)
+
+    def _identity(self) -> str:
+        """The token in ID_FILE, made now if there is none. The file appears whole (a temp
+        file hard-linked to its name, which fails if another server linked first), so
+        servers racing to make it agree on the first. A folder that can't take the file
+        (read-only) is known by its device and inode instead."""
+        file = self.path / ID_FILE
+        try:
+            return self._read_id(file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RegistryError(f"{self.url}: {exc}") from exc
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f"{ID_FILE}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(16))
+                    f.flush()
+                    os.fsync(f.fileno())
+                # Another server may have linked first: its token holds.
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, file)
+            finally:
+                os.unlink(tmp)
+            return self._read_id(file)
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                raise RegistryError(f"{self.url}: {exc}") from exc
+            try:
+                stat = self.path.stat()
+            except OSError as again:
+                raise RegistryError(f"{self.url}: {again}") from again
+            return f"folder:{stat.st_dev:x}:{stat.st_ino:x}"
+
+    @staticmethod
+    def _read_id(file: Path) -> str:
+        return file.read_text(encoding="ascii", errors="replace").strip()
 
     async def list(self) -> dict[str, Entry]:
         return await asyncio.to_thread(self._list)

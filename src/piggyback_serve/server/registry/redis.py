@@ -5,7 +5,9 @@ Keys, under a prefix (default `piggy:`) so that deployments can share one Redis:
 - `{prefix}task:{name}`: a hash with the artifact `data`, its `version` and `size`;
 - `{prefix}index`: a hash name -> "version size", what `list` reads (no artifact bytes);
 - `{prefix}seq`: a counter bumped by every put and delete;
-- `{prefix}events`: the pub/sub channel every put and delete is announced on.
+- `{prefix}events`: the pub/sub channel every put and delete is announced on;
+- `{prefix}id`: this registry's identity token, set once (SET NX) by the first server to
+  ask: a Redis that lost its data has lost it too, which tells a reset from deletes.
 
 A put or delete changes all four in one MULTI/EXEC, so a task is never half-present and
 a reader never sees bytes from one version with the tag of another. Replicas listen on
@@ -22,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -69,6 +72,7 @@ class RedisRegistry:
         )
         self._index = f"{prefix}index"
         self._seq_key = f"{prefix}seq"
+        self._id_key = f"{prefix}id"
         self.channel = f"{prefix}events"
         self._listed_seq: int | None = None  # the counter as of the last `list`
         self._changed = asyncio.Event()
@@ -108,6 +112,22 @@ class RedisRegistry:
                 found[name] = Entry(name, version, int(size))
         self._listed_seq = _seq(seq)
         return found
+
+    async def identity(self) -> str:
+        # SET NX then GET in one round trip, no MULTI (as `list`): past maxmemory Redis
+        # refuses the SET, but the GET still reads a token that is there.
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.set(self._id_key, secrets.token_hex(16), nx=True).get(self._id_key)
+                created, token = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise self._error(exc) from exc
+        if isinstance(token, bytes):
+            return token.decode()
+        failure = created if isinstance(created, Exception) else token
+        if isinstance(failure, Exception):
+            raise self._error(failure) from failure
+        raise RegistryError(f"{self.url}: no identity token at {self._id_key}")
 
     async def read(self, name: str) -> tuple[bytes, Entry] | None:
         key = self._task_key(name)
