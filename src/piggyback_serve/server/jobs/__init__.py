@@ -1,0 +1,1 @@
+"""Training jobs: untrusted archives in, trained tasks out (POST /tasks/{name}/train)."""
