@@ -1,0 +1,338 @@
+"""Runs the training jobs whose images this replica holds, in processes of their own.
+
+A job is accepted by a route (server/routes/jobs.py): its archive unpacked under
+`home/jobs/<id>/images`, its record `queued` in the job store. The manager runs where the
+engine runs (the single process, or the engine service beside the front ends): it starts
+queued jobs of its folder, up to PIGGY_TRAIN_WORKERS at once, each in a spawned process
+(server/jobs/runner.py) with PIGGY_TRAIN_THREADS torch threads on the CPU, and writes
+their progress to the store. A trained task goes through the upload path (the catalog's
+`put`: checked, stored in the registry, served by every replica). A cancel asked through
+any replica stops the process. Then the job's folder is removed.
+
+At start it takes back what a restart interrupted: a job `running` or `queued` in its
+folder is queued again and resumes from its last epoch's checkpoint (masks/train.py); one
+whose images are gone fails saying so. A job of another replica that has not been heard of
+for `STALE_S` fails too, so that no job stays `running` for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from piggyback_serve.server.errors import ServeError
+from piggyback_serve.server.jobs import runner
+from piggyback_serve.server.jobs.model import Job, JobError, JobResult, Progress, now
+from piggyback_serve.server.jobs.store import JobStore, prune
+from piggyback_serve.server.metrics import Metrics
+from piggyback_serve.server.registry import RegistryError
+from piggyback_serve.server.settings import Settings
+
+log = logging.getLogger("piggy.jobs")
+
+TICK_S = 0.2  # how often running jobs are looked at (progress, cancels, exits)
+PROGRESS_S = 0.25  # progress written at most this often (and at every epoch's end)
+HEARTBEAT_S = 5.0  # a job's record is touched at least this often while it is ours
+STALE_S = 60.0  # a job nobody touched this long, on no replica's disk here, fails
+STOP_S = 5.0  # a cancelled trainer gets this long after SIGTERM before SIGKILL
+
+StoreTask = Callable[[str, bytes], Awaitable[object]]
+
+
+def jobs_folder(settings: Settings) -> Path:
+    return settings.home / "jobs"
+
+
+def images_folder(settings: Settings, job_id: str) -> Path:
+    """A job's class folders, as the route leaves them once its archive is unpacked."""
+    return jobs_folder(settings) / job_id / "images"
+
+
+def replica_name() -> str:
+    return socket.gethostname()
+
+
+@dataclass
+class Running:
+    job: Job
+    process: BaseProcess
+    conn: Connection
+    written_at: float = 0.0
+    dirty: bool = False
+    outcome: runner.Trained | runner.Failed | None = None
+    stopping_since: float | None = None
+    began: float = field(default_factory=time.monotonic)
+
+
+class JobManager:
+    def __init__(
+        self, settings: Settings, store: JobStore, store_task: StoreTask, metrics: Metrics
+    ):
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.store_task = store_task  # the catalog's put: the upload path
+        self.root = jobs_folder(settings)
+        self.running: dict[str, Running] = {}
+        self._context = multiprocessing.get_context("spawn")
+        self._beat_at = 0.0
+        self._stale_at = 0.0
+
+    # The loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever (the app's background task): take back interrupted jobs, then tick."""
+        await self._guarded(self.recover())
+        try:
+            while True:
+                await self._guarded(self.tick())
+                await asyncio.sleep(TICK_S)
+        finally:
+            for run in self.running.values():  # the server stops: jobs resume at its return
+                _stop(run.process)
+
+    async def _guarded(self, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except RegistryError as exc:  # the store is down: jobs go on, records wait
+            log.warning("job store unavailable: %s", exc)
+        except Exception:
+            log.exception("training jobs: unexpected error")
+
+    async def tick(self) -> None:
+        for job_id in list(self.running):
+            await self._follow(self.running[job_id])
+        await self._start_queued()
+        clock = time.monotonic()
+        if clock - self._beat_at > HEARTBEAT_S:
+            self._beat_at = clock
+            await self._heartbeat()
+        if clock - self._stale_at > STALE_S / 4:
+            self._stale_at = clock
+            await self._fail_stale()
+
+    # Starting ---------------------------------------------------------------------------
+
+    def _local_ids(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.name for p in self.root.iterdir() if (p / "images").is_dir()}
+
+    async def _local_jobs(self) -> list[Job]:
+        local = self._local_ids()
+        return [j for j in await self.store.list() if j.id in local]
+
+    async def recover(self) -> None:
+        """Jobs of this folder left `running` by a process that is gone: queued again."""
+        local = self._local_ids()
+        known = {j.id: j for j in await self.store.list()}
+        for job_id in local - set(known):  # a record dropped (or never written): orphan
+            self._remove_folder(job_id)
+        for job in known.values():
+            if job.id not in local:
+                if job.state == "running" and job.replica == replica_name():
+                    await self._save(
+                        job,
+                        state="failed",
+                        finished=now(),
+                        error=JobError(
+                            code="interrupted",
+                            message="the server restarted while this job ran and its images are "
+                            "gone from its folder: submit it again",
+                        ),
+                    )
+                continue
+            if job.done:
+                self._remove_folder(job.id)
+            elif job.state == "running":
+                log.info("job %s (task %s) resumes after a restart", job.id, job.task)
+                await self._save(job, state="queued")
+
+    async def _start_queued(self) -> None:
+        free = self.settings.train_workers - len(self.running)
+        if free <= 0:
+            return
+        queued = [j for j in await self._local_jobs() if j.state == "queued"]
+        for job in sorted(queued, key=lambda j: j.created):
+            if job.id in self.running:
+                continue
+            if await self.store.cancel_asked(job.id):
+                await self._end(job, state="cancelled")
+                continue
+            if free == 0:
+                break
+            free -= 1
+            await self._start(job)
+
+    async def _start(self, job: Job) -> None:
+        folder = self.root / job.id
+        spec = runner.RunSpec(
+            job_id=job.id,
+            task=job.task,
+            images=folder / "images",
+            checkpoint=folder / "checkpoint.safetensors",
+            backbone=self.settings.backbone,
+            weights=self.settings.backbone_weights,
+            device=self.settings.device,
+            threads=self.settings.train_threads,
+            options=job.options.model_dump(),
+        )
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=runner.main, args=(theirs, spec), name=f"piggy-train-{job.id[:8]}", daemon=True
+        )
+        process.start()
+        theirs.close()
+        log.info("job %s: training task %s (%d images)", job.id, job.task, job.data.images)
+        # Progress starts over from the trainer's first word: after a restart, the step
+        # after its checkpoint.
+        job = await self._save(
+            job, state="running", started=job.started or now(), progress=Progress()
+        )
+        self.running[job.id] = Running(job, process, ours, written_at=time.monotonic())
+        self.metrics.jobs_running.set(len(self.running))
+
+    # Following --------------------------------------------------------------------------
+
+    async def _follow(self, run: Running) -> None:
+        self._drain(run)
+        if run.outcome is not None:
+            await self._finish(run)
+            return
+        if not run.process.is_alive():
+            self._drain(run)  # what it sent just before it exited
+            if run.outcome is None:
+                run.outcome = runner.Failed(
+                    "training_failed", f"the trainer exited with code {run.process.exitcode}"
+                )
+            await self._finish(run)
+            return
+        if await self.store.cancel_asked(run.job.id):
+            _stop(run.process)
+            del self.running[run.job.id]
+            run.conn.close()
+            await self._end(run.job, state="cancelled")
+            return
+        clock = time.monotonic()
+        if run.dirty and clock - run.written_at >= PROGRESS_S:
+            run.job = await self._save(run.job)
+            run.written_at, run.dirty = clock, False
+
+    def _drain(self, run: Running) -> None:
+        """Take every message the trainer sent: its progress, then its outcome."""
+        try:
+            while run.outcome is None and run.conn.poll():
+                message = run.conn.recv()
+                match message:
+                    case runner.Stepped():
+                        progress = Progress(
+                            step=message.step,
+                            steps=message.steps,
+                            epoch=message.epoch,
+                            epochs=message.epochs,
+                            loss=round(message.loss, 6),
+                        )
+                        run.job = run.job.model_copy(update={"progress": progress})
+                        run.dirty = True
+                    case runner.Trained() | runner.Failed():
+                        run.outcome = message
+        except (EOFError, OSError):
+            pass  # the trainer is gone: `_follow` sees its exit
+
+    async def _finish(self, run: Running) -> None:
+        del self.running[run.job.id]
+        run.conn.close()
+        run.process.join(STOP_S)
+        job, outcome = run.job, run.outcome
+        if isinstance(outcome, runner.Failed):
+            log.warning("job %s failed: %s", job.id, outcome.message)
+            await self._end(
+                job, state="failed", error=JobError(code=outcome.code, message=outcome.message)
+            )
+            return
+        try:
+            await self.store_task(job.task, outcome.artifact)
+        except ServeError as exc:  # invalid (backbone replaced meanwhile?), storage, outage
+            error = JobError(
+                code=exc.code, message=f"the task was learned but not stored: {exc.message}"
+            )
+            await self._end(job, state="failed", error=error)
+            return
+        result = JobResult(
+            accuracy=round(outcome.accuracy, 6),
+            baseline_accuracy=round(outcome.baseline_accuracy, 6),
+            size_bytes=len(outcome.artifact),
+            sparsity=round(outcome.sparsity, 6),
+        )
+        log.info(
+            "job %s: task %s learned, held-out accuracy %.4f (classifier-only %.4f)",
+            job.id,
+            job.task,
+            result.accuracy,
+            result.baseline_accuracy,
+        )
+        self.metrics.job_seconds.observe(time.monotonic() - run.began)
+        await self._end(job, state="succeeded", result=result)
+
+    async def _end(self, job: Job, **changes) -> None:
+        job = await self._save(job, finished=now(), **changes)
+        self.metrics.jobs.labels(job.state).inc()
+        self.metrics.jobs_running.set(len(self.running))
+
+        self._remove_folder(job.id)
+        await prune(self.store)
+
+    async def _save(self, job: Job, **changes) -> Job:
+        job = job.model_copy(update={**changes, "updated": time.time()})
+        await self.store.put(job)
+        return job
+
+    # Upkeep -----------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Touch our queued jobs' records (running ones are touched by their progress)."""
+        for job in await self._local_jobs():
+            if job.id in self.running:
+                run = self.running[job.id]
+                run.job = await self._save(run.job)
+                run.written_at, run.dirty = time.monotonic(), False
+            elif job.state == "queued":
+                await self._save(job)
+
+    async def _fail_stale(self) -> None:
+        local = self._local_ids()
+        cutoff = time.time() - STALE_S
+        for job in await self.store.list():
+            if not job.done and job.id not in local and job.updated < cutoff:
+                message = (
+                    f"replica {job.replica}, which held this job, has not been heard from for "
+                    f"{STALE_S:.0f} s (stopped, or its disk lost): submit it again"
+                )
+                await self._save(
+                    job,
+                    state="failed",
+                    finished=now(),
+                    error=JobError(code="replica_lost", message=message),
+                )
+
+    def _remove_folder(self, job_id: str) -> None:
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+
+def _stop(process: BaseProcess) -> None:
+    with contextlib.suppress(Exception):
+        process.terminate()
+        process.join(STOP_S)
+        if process.is_alive():
+            process.kill()
+            process.join(STOP_S)

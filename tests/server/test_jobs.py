@@ -1,0 +1,175 @@
+"""Training jobs through the API, in one server process on a folder registry: an archive in,
+a served task out; the events; cancel; a job taken back after a restart; refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.server.server_support import metric, serving, settings_for
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"epochs": 1, "min_steps": 2, "batch_size": 4, "input_size": 32, "held_out": 0.25}
+
+
+def colour_png(rgb: tuple[int, int, int], seed: int, size: int = 12) -> bytes:
+    """A noisy image of one colour: classes told apart by colour are learnable at once."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb) + rng.integers(-30, 30, (size, size, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CLASSES = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def tar_gz(per_class: int = 6, classes: dict = CLASSES, top: str | None = "photos") -> bytes:
+    """A tar.gz of one folder per class, inside one top folder when `top` is given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for c, (name, rgb) in enumerate(classes.items()):
+            for i in range(per_class):
+                data = colour_png(rgb, seed=100 * c + i)
+                info = tarfile.TarInfo("/".join(p for p in (top, name, f"{i}.png") if p))
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+async def wait_job(client: httpx.AsyncClient, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} not done in {timeout_s}s: {job}")
+
+
+@pytest.fixture
+def job_settings(tmp_path: Path):
+    def make(**overrides):
+        return settings_for(tmp_path / "home", tmp_path / "registry", **overrides)
+
+    return make
+
+
+async def test_an_archive_becomes_a_served_task(job_settings):
+    async with serving(job_settings()) as client:
+        answer = await client.post("/tasks/colours/train", params=FAST, content=tar_gz())
+        assert answer.status_code == 202, answer.text
+        job = answer.json()
+        assert answer.headers["location"] == f"/jobs/{job['id']}"
+        assert job["state"] == "queued" and job["task"] == "colours"
+        assert job["data"] == {"classes": ["blue", "red"], "images": 12, "skipped": 0}
+
+        # The events: one per change, the last one final; the stream then ends.
+        async with client.stream("GET", f"/jobs/{job['id']}/events") as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            body = (await events.aread()).decode()
+        shown = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+        assert shown[-1]["state"] == "succeeded"
+        steps = [j["progress"]["step"] for j in shown if j["state"] == "running"]
+        assert steps == sorted(steps) and steps[-1] == shown[-1]["progress"]["steps"] >= 2
+
+        done = (await client.get(f"/jobs/{job['id']}")).json()
+        result = done["result"]
+        assert done["started"] and done["finished"] and done["error"] is None
+        assert 0 <= result["accuracy"] <= 1 and 0 <= result["baseline_accuracy"] <= 1
+        assert result["size_bytes"] > 0
+
+        # Served at once, through the upload path: listed with the artifact's metrics.
+        task = (await client.get("/tasks/colours")).json()
+        assert task["labels"] == ["blue", "red"]
+        assert task["metrics"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+        predicted = await client.post(
+            "/predict?task=colours",
+            content=colour_png(CLASSES["red"], seed=999),
+            headers={"content-type": "image/png"},
+        )
+        assert predicted.status_code == 200, predicted.text
+        assert (await client.get("/jobs")).json()["jobs"][0]["id"] == job["id"]
+        # The job's folder (its images) is gone once it ended.
+        assert not (job_settings().home / "jobs" / job["id"]).exists()
+
+
+async def test_cancel_stops_the_trainer(job_settings):
+    async with serving(job_settings()) as client:
+        long = {**FAST, "min_steps": 100_000}
+        job = (await client.post("/tasks/forever/train", params=long, content=tar_gz())).json()
+        deadline = time.monotonic() + 60
+        while (await client.get(f"/jobs/{job['id']}")).json()["progress"]["step"] < 1:
+            assert time.monotonic() < deadline, "the job never started"
+            await asyncio.sleep(0.2)
+        cancelled = await client.delete(f"/jobs/{job['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+        assert (await client.delete(f"/jobs/{job['id']}")).status_code == 409
+        assert (await client.get("/tasks/forever")).status_code == 404
+        text = (await client.get("/metrics")).text
+        assert metric(text, "piggy_jobs_total", state="cancelled") == 1
+
+
+async def test_a_job_interrupted_by_a_restart_resumes(job_settings):
+    options = {**FAST, "epochs": 3, "min_steps": 0, "batch_size": 2}
+    settings = job_settings()
+    async with serving(settings) as client:
+        job = (await client.post("/tasks/later/train", params=options, content=tar_gz())).json()
+        checkpoint = settings.home / "jobs" / job["id"] / "checkpoint.safetensors"
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists():  # the first epoch is done
+            assert time.monotonic() < deadline, "no checkpoint written"
+            await asyncio.sleep(0.05)
+    # The server stopped in the middle of the job, and its trainer with it.
+    record = settings.home.parent / "registry" / "jobs" / f"{job['id']}.json"
+    assert json.loads(record.read_text())["state"] == "running"
+    async with serving(settings) as client:
+        async with client.stream("GET", f"/jobs/{job['id']}/events") as events:
+            body = (await events.aread()).decode()
+        shown = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+        assert shown[-1]["state"] == "succeeded", shown[-1]
+        per_epoch = shown[-1]["progress"]["steps"] // shown[-1]["progress"]["epochs"]
+        running = [j["progress"]["step"] for j in shown if j["state"] == "running"]
+        steps = [step for step in running if step]
+        # Resumed after its checkpoint: no step of the first epoch is run again.
+        assert steps and min(steps) > per_epoch, (steps, per_epoch)
+        assert (await client.get("/tasks/later")).status_code == 200
+
+
+async def test_refusals(job_settings):
+    async with serving(job_settings(max_archive_bytes=4096)) as client:
+        one_class = tar_gz(classes={"red": CLASSES["red"]})
+        too_big = await client.post("/tasks/x/train", content=tar_gz(per_class=20))
+        assert too_big.status_code == 413
+        assert too_big.json()["error"]["code"] == "payload_too_large"
+        refused = await client.post("/tasks/x/train", content=one_class)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_archive"
+        bad = await client.post("/tasks/x/train", params={"held_out": 2}, content=one_class)
+        assert bad.status_code == 400 and "held_out" in bad.json()["error"]["message"]
+        assert (await client.post("/tasks/a.b/train", content=one_class)).status_code == 400
+        assert (await client.get("/jobs/0123")).status_code == 404
+        assert (await client.get("/jobs")).json() == {"jobs": []}
+        assert not list((job_settings().home / "jobs").glob("*/*"))  # nothing left behind
+
+
+async def test_admin_token_guards_training(job_settings):
+    async with serving(job_settings(admin_token="s3cret")) as client:
+        assert (await client.post("/tasks/x/train", content=tar_gz())).status_code == 401
+        admin = {"Authorization": "Bearer s3cret"}
+        answer = await client.post("/tasks/x/train", content=tar_gz(), headers=admin)
+        assert answer.status_code == 202
+        job_id = answer.json()["id"]
+        assert (await client.get(f"/jobs/{job_id}")).status_code == 200  # reading is open
+        assert (await client.delete(f"/jobs/{job_id}")).status_code == 401
+        cancelled = await client.delete(f"/jobs/{job_id}", headers=admin)
+        assert cancelled.json()["state"] == "cancelled"
