@@ -135,3 +135,66 @@ def test_path_like_names_get_the_invalid_name_error(piggy, live, name):
     for command in (("upload", name, str(live.artifacts["alpha"])), ("delete", name)):
         code, _, err = piggy(*command)
         assert code == 1 and "bad_request: invalid task name" in err and "(HTTP 400)" in err
+
+
+def test_train_wait_jobs_job_and_restore(piggy, live, tmp_path):
+    """`piggy train ARCHIVE --wait` trains for real (tiny: 2 classes x 4 PNGs, 2 steps)."""
+    import zipfile
+
+    import httpx
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:  # class folders inside one top folder
+        for k, label in enumerate(("cat", "dog")):
+            for i in range(4):
+                z.writestr(f"photos/{label}/{i}.png", png(200 + 10 * k + i, size=(32, 32)))
+    tiny = ("--min-steps", "2", "--epochs", "1", "--input-size", "32")
+    try:
+        code, out, err = piggy("train", "cli-trained", str(archive), *tiny, "--wait")
+        assert code == 0, err
+        first, url, done, accuracy, baseline, size, sparsity = out.splitlines()
+        job_id = first.split()[1].rstrip(":")
+        assert first.startswith(f"job {job_id}: training cli-trained, ") and len(job_id) == 32
+        assert url == f"{live.url}/jobs/{job_id}"
+        assert done.startswith("trained cli-trained in ") and done.endswith(" s")
+        assert 0 <= float(accuracy.split()[-1]) <= 1 and accuracy.startswith("held-out accuracy")
+        assert (
+            baseline.startswith("classifier only") and "(a head on the frozen backbone)" in baseline
+        )
+        assert size.startswith("size") and size.endswith(" KiB")
+        assert 0 <= float(sparsity.split()[-1]) <= 1
+        assert "2/2" in err and "loss" in err  # the progress bar, on stderr
+        assert piggy("tasks")[1].count("cli-trained") == 1
+
+        code, out, _ = piggy("jobs")
+        row = next(line.split() for line in out.splitlines() if line.startswith(job_id))
+        assert code == 0 and row[1:4] == ["cli-trained", "succeeded", "2/2"]
+        code, out, _ = piggy("job", job_id)
+        assert code == 0 and "state     succeeded" in out
+        assert "data      2 classes (cat, dog), 8 images" in out
+        code, out, _ = piggy("--json", "job", job_id)
+        assert code == 0 and json.loads(out) == httpx.get(url).json()
+        code, _, err = piggy("cancel", job_id)
+        assert code == 1 and "job_finished" in err and "(HTTP 409)" in err
+
+        code, out, _ = piggy("registry", "restore")
+        assert code == 0 and out.splitlines()[1] == (
+            "nothing to restore: the registry holds every task served here"
+        )
+    finally:
+        piggy("delete", "cli-trained")
+
+
+def test_train_refusals(piggy, live, tmp_path):
+    folder = tmp_path / "one"
+    (folder / "cat").mkdir(parents=True)
+    for i in range(3):
+        (folder / "cat" / f"{i}.png").write_bytes(png(i))
+    code, out, err = piggy("train", "nope", str(folder), "--wait")
+    assert (code, out) == (1, "")
+    assert err.startswith("piggy: invalid_archive: need at least two class folders")
+    assert err.rstrip().endswith("(HTTP 422)")
+    code, _, err = piggy("train", "nope", str(tmp_path / "missing"))
+    assert code == 2 and "missing" in err
+    code, _, err = piggy("cancel", "0" * 32)
+    assert code == 1 and "job_not_found" in err and "(HTTP 404)" in err

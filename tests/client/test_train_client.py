@@ -536,3 +536,100 @@ def test_piggy_registry_restore(piggy, server):
     assert err == "piggy: 1 task not restored\n"
     code, out, err = piggy("registry", "restore", "--json")
     assert code == 1 and json.loads(out) == server.restore
+
+
+# --- against a real server that trains (tests/client/live_server.py) ----------------------
+# Kept tiny for the CPU: 2 classes x 4 PNGs of 32 px, 2 steps, on the random resnet18.
+
+TINY = {"min_steps": 2, "epochs": 1, "input_size": 32}
+
+
+def png_folder(root: Path, classes=("a", "b"), per_class: int = 4) -> Path:
+    from tests.client.live_server import png
+
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            (root / c / f"{i}.png").write_bytes(png(100 * k + i, size=(32, 32)))
+    return root
+
+
+@pytest.fixture
+def admin(live):
+    from tests.client.live_server import TOKEN
+
+    with Client(live.url, token=TOKEN) as c:
+        yield c
+
+
+def test_live_train_wait_and_serve(admin, live, tmp_path):
+    folder = png_folder(tmp_path / "photos")
+    job = admin.train("live-trained", folder, description="a test pattern", **TINY)
+    try:
+        assert job.state in ("queued", "running") and len(job.id) == 32
+        assert job.data["classes"] == ["a", "b"] and job.data["images"] == 8
+        assert job.options["min_steps"] == 2 and job.options["input_size"] == 32
+        seen: list[Job] = []
+        final = job.wait(timeout=300, on_update=seen.append)
+        assert final.raise_for_state() is final and final.state == "succeeded", final.error
+        assert final.done and final.error is None and final.finished >= final.started
+        assert final.progress.step == final.progress.steps >= 2 and final.progress.loss > 0
+        assert any(j.state == "running" and j.progress.step >= 1 for j in seen), seen
+        r = final.result
+        assert 0 <= r.accuracy <= 1 and 0 <= r.baseline_accuracy <= 1 and 0 <= r.sparsity <= 1
+        assert r.size_bytes > 0
+
+        task = admin.task("live-trained")  # stored and served as an upload is
+        assert task.labels == ["a", "b"] and task.input_size == 32
+        assert task.description == "a test pattern" and task.size_bytes == r.size_bytes
+        answer = admin.predict("live-trained", folder / "a" / "0.png", top_k=2)
+        assert {s.label for s in answer.results[0].top} == {"a", "b"}
+
+        assert admin.job(job.id).state == "succeeded"
+        assert job.id in [j.id for j in admin.jobs()]
+        assert [j.state for j in admin.job_events(job.id)] == ["succeeded"]  # ended: one
+        with pytest.raises(Conflict) as info:
+            admin.cancel_job(job.id)
+        assert info.value.status == 409 and info.value.code == "job_finished"
+    finally:
+        admin.delete("live-trained")  # the live server's tasks are other tests' too
+
+
+def test_live_cancel(admin, tmp_path):
+    job = admin.train("live-cancelled", png_folder(tmp_path / "photos"), min_steps=100_000)
+    cancelled = admin.cancel_job(job.id)
+    assert cancelled.id == job.id and cancelled.state in ("queued", "running", "cancelled")
+    final = admin.wait_job(job.id, timeout=120)
+    assert final.state == "cancelled" and final.result is None
+    with pytest.raises(JobCancelled):
+        final.raise_for_state()
+    with pytest.raises(NotFound):
+        admin.task("live-cancelled")
+
+
+def test_live_refusals_and_restore(admin, live, tmp_path):
+    from piggyback_serve.client.errors import AuthError, BadRequest
+
+    one_class = png_folder(tmp_path / "one", classes=("a",))
+    with pytest.raises(InvalidArchive) as info:
+        admin.train("nope", one_class, **TINY)
+    assert info.value.status == 422 and info.value.code == "invalid_archive"
+    assert "two class folders" in info.value.message
+    few = png_folder(tmp_path / "few", per_class=1)
+    with pytest.raises(InvalidArchive) as info:
+        admin.train("nope", few, **TINY)
+    assert "'a' (1), 'b' (1)" in info.value.message  # the message names the classes
+    with pytest.raises(BadRequest) as info:
+        admin.train("nope", png_folder(tmp_path / "ok"), epochs=0)
+    assert "epochs" in info.value.message
+    with Client(live.url) as anonymous, pytest.raises(AuthError):
+        anonymous.train("nope", tmp_path / "ok")
+    for call in (admin.job, admin.cancel_job, lambda i: list(admin.job_events(i))):
+        with pytest.raises(NotFound) as info:
+            call("0" * 32)
+        assert info.value.code == "job_not_found"
+    assert "nope" not in {t.name for t in admin.tasks()}
+
+    answer = admin.restore_registry()  # nothing lost here: nothing to write back
+    assert answer["restored"] == [] and answer["failed"] == {}
+    assert answer["registry"].endswith(str(live.registry))
