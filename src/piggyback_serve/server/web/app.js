@@ -496,6 +496,7 @@ async function poll(id, failures) {
   } catch (err) {
     if (failures >= 30) {
       learnError(`Lost track of the job. ${NETWORK_ERROR}`, err.message);
+      setLearnState("error");
       $("learn-go").disabled = false;
       return;
     }
