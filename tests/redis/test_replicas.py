@@ -152,6 +152,28 @@ def test_demo_seed_uploads_once(cluster, redis_artifacts, tmp_path):
     assert b.delete("/tasks/seeded", headers=AUTH).status_code == 204
 
 
+def test_a_job_on_a_is_followed_on_b_and_its_task_served_by_b(cluster):
+    """A training job accepted by A: B lists it, follows it and serves its task."""
+    from tests.server.test_jobs import CLASSES, FAST, colour_png, tar_gz
+
+    _, a, b = cluster
+    r = a.post("/tasks/learned/train", params=FAST, content=tar_gz(), headers=AUTH)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert b.get(f"/jobs/{job_id}").json()["task"] == "learned"
+    with b.stream("GET", f"/jobs/{job_id}/events", timeout=120) as events:
+        final = None
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                final = line[5:]
+    assert final is not None and '"state":"succeeded"' in final.replace(" ", ""), final
+    red = colour_png(CLASSES["red"], seed=5)
+    answer = b.post("/predict?task=learned", content=red, headers={"content-type": "image/png"})
+    assert answer.status_code == 200, answer.text
+    assert [j["id"] for j in b.get("/jobs").json()["jobs"]] == [job_id]
+    assert b.delete("/tasks/learned", headers=AUTH).status_code == 204
+
+
 def test_redis_down_known_tasks_serve_and_recovery_is_automatic(
     cluster, redis_artifacts, reference
 ):
