@@ -31,6 +31,8 @@ SKIPPED = {
     "python3 -m venv .venv && .venv/bin/pip install -e '.[server]' && .venv/bin/piggy-serve "
     "--demo": "the set-up: installs, then serves the demo (served here as it does: --demo)",
     "bash scripts/test": "the whole test suite",
+    ".venv/bin/piggy train flowers path/to/images --wait --description 'a photo of one "
+    "flower, centred'": "trains for minutes on the reader's folder (tests/client cover it)",
     ".venv/bin/piggy-masks train --data path/to/images --task flowers --out flowers.safetensors "
     "--description 'a photo of one flower, centred'": "trains for minutes on the reader's folder",
     ".venv/bin/piggy-masks inspect flowers.safetensors": "the file the training line writes",
