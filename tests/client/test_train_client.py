@@ -520,6 +520,12 @@ def test_piggy_job_wait_follows_a_running_job(piggy, server):
     assert code == 0, err
     assert "state     running" in out and "held-out accuracy  0.9300" in out
 
+    server.polls = [job_json("failed")]
+    server.events = sse(job_json("failed"))
+    code, out, err = piggy("job", JOB_ID, "--wait")  # ended already: exits as it ended
+    assert code == 1 and "state     failed" in out and "held-out" not in out
+    assert err.splitlines()[-1].startswith(f"piggy: job {JOB_ID} (flowers) failed: ")
+
 
 def test_piggy_registry_restore(piggy, server):
     code, out, _ = piggy("registry", "restore")

@@ -222,7 +222,7 @@ def _jobs(client: Client, args) -> object:
 
 def _job(client: Client, args) -> object:
     job = client.job(args.id)
-    if args.wait and not job.done:
+    if args.wait:  # exits as `train --wait` does, also for a job that already ended
         if not args.json:
             _show(job)
         return _follow(client, job, args)
