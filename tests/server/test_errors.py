@@ -8,6 +8,7 @@ import torch
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import pack_mask
 from piggyback_serve.server.catalog import Catalog
+from piggyback_serve.server.registry.dir import ID_FILE
 from tests.server.server_support import (
     blocked_engine,
     make_artifact,
@@ -20,6 +21,11 @@ from tests.server.server_support import (
 
 pytestmark = pytest.mark.anyio
 GOOD = png(7)
+
+
+def artifact_files(folder) -> list[tuple[str, int]]:
+    """What a folder registry holds but its identity file (made at the server's start)."""
+    return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != ID_FILE)
 
 
 async def expect(response, status: int, code: str | None = None) -> dict:
@@ -178,7 +184,7 @@ async def test_415_says_what_a_raw_body_that_is_not_an_image_looks_like(
 async def test_422_invalid_artifacts_leave_the_registry_alone(
     settings, registry_dir, backbone, reference
 ):
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in registry_dir.iterdir())
+    before = artifact_files(registry_dir)
     foreign = make_artifact(backbone, "alpha", seed=9)
     foreign.backbone_sha256 = "0" * 64
     short_mask = make_artifact(backbone, "alpha", seed=9)
@@ -198,7 +204,7 @@ async def test_422_invalid_artifacts_leave_the_registry_alone(
             await client.put("/tasks/new", content=artifacts.to_bytes(short_mask)), 422
         )
         assert f"mask.{name}" in err["message"]
-        assert sorted((p.name, p.stat().st_mtime_ns) for p in registry_dir.iterdir()) == before
+        assert artifact_files(registry_dir) == before
         assert (await client.get("/tasks/new")).status_code == 404
         await still_serves(client, reference)
 
@@ -214,7 +220,9 @@ async def test_401_403_admin_token(tmp_path, registry_dir, backbone, reference):
         wrong = {"Authorization": "Bearer nope"}
         await expect(await client.put("/tasks/copy", content=data, headers=wrong), 403, "forbidden")
         await expect(await client.delete("/tasks/beta", headers=wrong), 403)
-        assert sorted(p.name for p in registry_dir.iterdir())[:1] == ["alpha.safetensors"]
+        assert sorted(p.name for p in registry_dir.iterdir() if p.name != ID_FILE)[:1] == [
+            "alpha.safetensors"
+        ]
         assert not (registry_dir / "copy.safetensors").exists()
         right = {"Authorization": "Bearer s3cret"}
         assert (await client.put("/tasks/copy", content=data, headers=right)).status_code == 201

@@ -16,6 +16,7 @@ from piggyback_serve.client import errors as client_errors
 from piggyback_serve.server.catalog import _insufficient
 from piggyback_serve.server.errors import InsufficientStorage, rebuilt
 from piggyback_serve.server.registry import StorageError
+from piggyback_serve.server.registry.dir import ID_FILE
 from tests.server.server_support import metric, png, serving, settings_for
 from tests.server.test_e2e import piggy_serve
 
@@ -66,7 +67,7 @@ async def test_a_full_disk_is_a_507_and_the_old_task_serves(tmp_path, task_files
             assert error["code"] == "insufficient_storage"
             assert f"dir:{folder}" in error["message"] and "free space" in error["message"]
             # Nothing half-written, and the old version still answers.
-            assert [p.name for p in folder.iterdir()] == ["alpha.safetensors"]
+            assert [p.name for p in folder.iterdir() if p.name != ID_FILE] == ["alpha.safetensors"]
             r = await client.post("/predict?task=alpha", content=png(1))
             assert r.status_code == 200 and labels_of(r.json()) == {"alpha"}
             text = (await client.get("/metrics")).text
@@ -123,7 +124,7 @@ def test_the_connection_stays_usable_after_a_507(tmp_path, task_files, frontends
                 assert conn.sock is sock  # the same connection, not a new one
             finally:
                 conn.close()
-            assert [p.name for p in folder.iterdir()] == ["alpha.safetensors"]
+            assert [p.name for p in folder.iterdir() if p.name != ID_FILE] == ["alpha.safetensors"]
             text = client.get("/metrics").text
             assert metric(text, "piggy_registry_write_errors_total", reason="no_space") == 1
 

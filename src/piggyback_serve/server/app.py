@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.server import auth, errors, oip_grpc, open_files
 from piggyback_serve.server.arena import Arena
+from piggyback_serve.server.artifact_cache import ArtifactCache
 from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
@@ -153,6 +154,8 @@ async def start(svc: Services) -> None:
         host_budget=host_state_budget(svc.settings),
         loads=svc.settings.task_loads,
         remote=svc.remote,
+        # Where the engine runs: a local copy of the artifacts, for a registry reset.
+        cache=None if svc.remote else ArtifactCache.for_settings(svc.settings),
     )
     await catalog.refresh()
     svc.catalog = catalog

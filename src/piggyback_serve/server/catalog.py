@@ -14,6 +14,15 @@ so the catalog rescans it on a short interval (Redis: when a change is announced
 it does not know is answered from what it knows, never with a registry round trip: a miss
 only asks for a rescan in the background, at most one per interval, so that random names
 cannot keep the registry (or the lock uploads take) busy.
+
+A registry that comes back empty (Redis restarted without its data or flushed, a folder
+emptied) is not an order to delete every task. Each registry has an identity token
+(`Registry.identity`) that such a reset loses: a rescan that finds a new one *holds* the
+tasks it knows but the registry lacks (serves them on, from the local artifact copy,
+server/artifact_cache.py, when their state is not in memory) rather than forgetting them,
+and /readyz says `degraded` until every held task is back in the registry (`restore`, or
+an upload under its name) or deleted through this replica. With the same identity, a task
+gone from the registry was deleted, and goes here too.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.artifact import TaskArtifact
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.errors import ArtifactError
+from piggyback_serve.server.artifact_cache import ArtifactCache
 from piggyback_serve.server.engine.task_state import TaskState
 from piggyback_serve.server.engine.tier import Tier
 from piggyback_serve.server.errors import (
@@ -88,6 +98,8 @@ class EngineService(Protocol):
 
     async def delete(self, name: str) -> bool: ...
 
+    async def restore(self) -> tuple[list[str], dict[str, str]]: ...
+
 
 class Catalog:
     def __init__(
@@ -100,6 +112,7 @@ class Catalog:
         host_budget: int = 1 << 62,
         loads: int = 2,
         remote: EngineService | None = None,
+        cache: ArtifactCache | None = None,
     ):
         self.registry = registry
         self.backbone = backbone
@@ -121,19 +134,41 @@ class Catalog:
         self._lock = asyncio.Lock()  # rescans, uploads and deletes, one at a time
         self._scanned_at = -math.inf  # loop time the last rescan was started or asked for
         self._rescan: asyncio.Task | None = None  # the rescan a miss asked for
+        # Reset of the registry: its identity as of the last listing, and the tasks known
+        # here that a reset took from it, served on until restored or deleted here.
+        self.identity: str | None = None
+        self.held: set[str] = set()
+        self._reset_said = False
+        self.cache = cache  # the local copy of artifacts (None: a front end, headers only)
+        self._fill: asyncio.Task | None = None
+
+    @property
+    def registry_reset(self) -> bool:
+        """A reset was detected and tasks are held (/readyz: degraded)."""
+        return bool(self.held)
 
     async def refresh(self) -> None:
         """Bring the known tasks in line with the registry; keep serving if it is down."""
         async with self._lock:
             self._scanned_at = _now()
             try:
+                # Listed before the identity is read: a reset between the two shows as a
+                # new identity, never as an empty listing under the old one.
                 entries = await self.registry.list()
-                for name in (set(self.tasks) | set(self.failed)) - set(entries):
+                identity = await self.registry.identity()
+                if self.identity is not None and identity != self.identity:
+                    # Reset: list again, after the new identity exists, and hold what is gone.
+                    entries = await self.registry.list()
+                    self._hold(set(self.tasks) - set(entries), identity)
+                self.identity = identity
+                self.held -= set(entries)  # back in the registry: listed as usual below
+                for name in (set(self.tasks) | set(self.failed)) - set(entries) - self.held:
                     self._forget(name)
                 for name, entry in entries.items():
                     known = self.tasks.get(name)
                     if known is None or known.version != entry.version:
                         await self._load(entry)
+                self._cleared()
                 self.registry_error = None
             except (RegistryError, OSError) as exc:  # OSError: out of open files, say
                 # A registry not read whole is not ready: /readyz says why until it is.
@@ -141,6 +176,24 @@ class Catalog:
                 if self.registry_error != message:
                     log.error("registry unreadable: %s", message)
                 self.registry_error = message
+
+    def _hold(self, names: set[str], identity: str) -> None:
+        if not names:  # nothing here is missing there: nothing to keep, nothing to say
+            log.info("registry %s has a new identity %s", self.registry.url, identity)
+            return
+        self.held |= names
+        log.error(
+            "registry %s was reset (its identity changed): %d tasks served here are not in "
+            "it; they are held and served on (POST /registry/restore writes them back)",
+            self.registry.url,
+            len(self.held),
+        )
+
+    def _cleared(self) -> None:
+        """Say so once, when the last held task is back or deleted."""
+        if not self.held and self._reset_said:
+            log.info("registry %s: reset cleared, no task held any more", self.registry.url)
+        self._reset_said = bool(self.held)
 
     async def _load(self, entry: Entry) -> None:
         """List the task behind `entry` from its artifact's header."""
@@ -176,6 +229,7 @@ class Catalog:
             self._evict_all(task.name)
         self.tasks[task.name] = task
         self.failed.pop(task.name, None)
+        self.held.discard(task.name)
         if state is not None:
             self._keep(task.key, state)
         log.debug(
@@ -187,6 +241,9 @@ class Catalog:
             self._evict_all(name)
             log.info("task %s removed", name)
         self.failed.pop(name, None)
+        self.held.discard(name)
+        if self.cache is not None:
+            self.cache.drop(name)
 
     def _evict_all(self, name: str) -> None:
         """Drop every state of `name` here and in the workers."""
@@ -214,14 +271,7 @@ class Catalog:
 
     async def _build_state(self, task: Task) -> Task:
         async with self._loads:
-            try:
-                found = await self.registry.read(task.name)
-            except RegistryError as exc:
-                raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
-            if found is None:
-                self._forget(task.name)
-                raise self.not_found(task.name)
-            data, entry = found
+            data, entry = await self._read_whole(task)
             try:
                 art, state = await asyncio.to_thread(self._build, data)
             except ArtifactError as exc:
@@ -235,6 +285,38 @@ class Catalog:
         self._keep(current.key, state)
         return dataclasses.replace(current, state=state)
 
+    async def _read_whole(self, task: Task) -> tuple[bytes, Entry]:
+        """The artifact's bytes: from the registry (a copy kept here too), or for a task
+        held through a reset, from the local copy. A task the registry lacks is looked for
+        once more (a rescan: a reset not seen yet holds it, a delete forgets it)."""
+        try:
+            found = await self.registry.read(task.name)
+            if found is None and task.name not in self.held:
+                await self.refresh()
+                if task.name in self.held:
+                    found = await self.registry.read(task.name)  # restored meanwhile?
+        except RegistryError as exc:
+            raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+        if found is not None:
+            if self.cache is not None:
+                await asyncio.to_thread(self.cache.put, task.name, found[1].version, found[0])
+            return found
+        if task.name not in self.held:
+            self._forget(task.name)
+            raise self.not_found(task.name)
+        data = await self._copy_of(task)
+        if data is None:
+            raise RegistryUnavailable(
+                f"task {task.name!r} is not in the registry (it was reset) and this replica "
+                "has no copy of its artifact (PIGGY_ARTIFACT_CACHE_BYTES)"
+            )
+        return data, Entry(task.name, task.version, len(data))
+
+    async def _copy_of(self, task: Task) -> bytes | None:
+        if self.cache is None:
+            return None
+        return await asyncio.to_thread(self.cache.get, task.name, task.version)
+
     def get(self, name: str) -> Task:
         """The task called `name`, from what the catalog knows: no registry round trip, no
         wait on the upload lock. A miss asks for a rescan (`rescan_soon`), then answers 404
@@ -247,20 +329,26 @@ class Catalog:
             raise RegistryUnavailable(f"registry unavailable: {self.registry_error}")
         raise self.not_found(name)
 
-    async def reload(self, name: str) -> Task | None:
+    async def reload(self, name: str, deleted: bool = False) -> Task | None:
         """Read task `name` again from the registry now (its header): listed, replaced, or
-        forgotten if it is gone. For a front end told of a change by the engine service."""
+        forgotten if it is gone, unless it is held through a reset and not `deleted` (a
+        delete through another front end). For a front end told of a change by the engine
+        service."""
         async with self._lock:
             try:
                 found = await self.registry.read_header(name)
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             if found is None:
-                self._forget(name)
-                return None
+                if name not in self.held or deleted:
+                    self._forget(name)
+                    self._cleared()
+                return self.tasks.get(name)
             known = self.tasks.get(name)
+            self.held.discard(name)
             if known is None or known.version != found[1].version:
                 self._list(*found)
+            self._cleared()
             return self.tasks.get(name)
 
     def rescan_soon(self) -> None:
@@ -311,14 +399,18 @@ class Catalog:
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             task = Task(name, entry.version, entry.size, art)
-            self._remember(task, state)
-            return task
+            self._remember(task, state)  # replaces one held under that name
+            self._cleared()
+        if self.cache is not None:
+            await asyncio.to_thread(self.cache.put, name, entry.version, data)
+        return task
 
     async def delete(self, name: str) -> bool:
         if self.remote is not None:
             removed = await self.remote.delete(name)
             async with self._lock:
                 self._forget(name)
+                self._cleared()
             return removed
         async with self._lock:
             try:
@@ -327,12 +419,50 @@ class Catalog:
                 raise _insufficient(exc, f"cannot delete task {name!r}") from exc
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+            removed = removed or name in self.held  # served here, though not there
             self._forget(name)
+            self._cleared()
             return removed
+
+    async def restore(self) -> tuple[list[str], dict[str, str]]:
+        """Write every held task back into the registry (its bytes from the local copy),
+        then rescan: the names written, and those that could not be (name -> why). A
+        registry that refuses to store answers 507, one that is down 503."""
+        if self.remote is not None:  # the engine service holds the copies
+            restored, failed = await self.remote.restore()
+            await self.refresh()
+            return restored, failed
+        restored, failed = [], {}
+        async with self._lock:
+            for name in sorted(self.held):
+                task = self.tasks[name]
+                data = await self._copy_of(task)
+                if data is None:
+                    failed[name] = "no local copy of its artifact (PIGGY_ARTIFACT_CACHE_BYTES)"
+                    continue
+                try:
+                    parse_header(data, self.backbone)  # the copy is still whole
+                    if await self.registry.read_header(name) is None:  # none uploaded since
+                        await self.registry.put(name, data)
+                        restored.append(name)
+                except ArtifactError as exc:
+                    failed[name] = f"local copy unreadable: {exc}"
+                except StorageError as exc:
+                    done = f" ({len(restored)} restored before)" if restored else ""
+                    raise _insufficient(exc, f"cannot restore task {name!r}{done}") from exc
+                except RegistryError as exc:
+                    raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+        if restored:
+            log.info("registry %s: %d tasks restored", self.registry.url, len(restored))
+        await self.refresh()
+        return restored, failed
 
     async def watch(self) -> None:
         """Rescan forever (run as a background task): every `rescan_s`, or as soon as the
-        registry announces a change when it can (Redis: pub/sub and a version counter)."""
+        registry announces a change when it can (Redis: pub/sub and a version counter).
+        Beside it, the local artifact copy is filled (`_copy_listed`)."""
+        if self.cache is not None and self.cache.budget > 0 and self._fill is None:
+            self._fill = asyncio.create_task(self._copy_listed(), name="piggy-artifact-copies")
         wait_change = getattr(self.registry, "wait_change", None)
         while True:
             try:
@@ -349,11 +479,35 @@ class Catalog:
                 log.exception("registry rescan failed")
                 await asyncio.sleep(self.rescan_s)
 
+    async def _copy_listed(self) -> None:
+        """Copy the artifacts of listed tasks that have no local copy yet, one registry read
+        at a time (never a flood of reads), while the copy has room for them (filling never
+        removes a copy); again every `rescan_s`."""
+        while True:
+            try:
+                for task in list(self.tasks.values()):
+                    cache = self.cache
+                    if task.name in self.held or cache.has(task.name, task.version):
+                        continue
+                    if not cache.room_for(task.size_bytes):
+                        continue
+                    found = await self.registry.read(task.name)
+                    # Still listed as this version (not replaced or deleted meanwhile)?
+                    current = found is not None and found[1].version == task.version
+                    if current and self.tasks.get(task.name) is task:
+                        await asyncio.to_thread(cache.put, task.name, task.version, found[0])
+            except RegistryError as exc:
+                log.debug("artifact copies: %s", exc)
+            except Exception:  # a bad pass must not end the filling
+                log.exception("artifact copies failed")
+            await asyncio.sleep(self.rescan_s)
+
     async def close(self) -> None:
-        """Cancel a rescan a miss started (the app's lifespan ends)."""
-        if self._rescan is not None:
-            self._rescan.cancel()
-            await asyncio.gather(self._rescan, return_exceptions=True)
+        """Cancel a rescan a miss started and the copying (the app's lifespan ends)."""
+        for task in (self._rescan, self._fill):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 def _insufficient(exc: StorageError, what: str) -> InsufficientStorage:

@@ -35,6 +35,8 @@ from piggyback_serve.server.protocol import (
     PixelRef,
     Refused,
     Reloaded,
+    Restored,
+    RestoreRegistry,
     Stored,
     StoreTask,
     Submit,
@@ -60,7 +62,7 @@ class EngineClient:
         self.arena = Arena()
         self.status: EngineStatus | None = None
         # The front end's catalog, read again for one task (Catalog.reload), set at start.
-        self.reload: Callable[[str], Awaitable[object]] | None = None
+        self.reload: Callable[..., Awaitable[object]] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -146,6 +148,11 @@ class EngineClient:
     def failed(self) -> dict[str, str]:
         return self.status.failed if self.status else {}
 
+    @property
+    def held(self) -> int:
+        """Tasks the service serves that a registry reset took from the registry."""
+        return self.status.held if self.status else 0
+
     def forget(self, name: str) -> None:
         """The service forgets task states itself (it watches the registry too)."""
 
@@ -194,6 +201,12 @@ class EngineClient:
         deleted = await self._request(request_id, DeleteTask(request_id, name))
         return deleted.removed
 
+    async def restore(self) -> tuple[list[str], dict[str, str]]:
+        """POST /registry/restore through the service: names written back, and failures."""
+        request_id = next(self._ids)
+        done = await self._request(request_id, RestoreRegistry(request_id))
+        return list(done.restored), dict(done.failed)
+
     async def _request(self, request_id: int, message) -> object:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -227,19 +240,21 @@ class EngineClient:
             case EngineStatus():
                 self.status = message
                 self._status_changed.set()
-            case TaskChanged(change_id, name):
-                task = asyncio.create_task(self._reload(change_id, name))
+            case TaskChanged(change_id, name, deleted):
+                task = asyncio.create_task(self._reload(change_id, name, deleted))
                 self._reloading.add(task)
                 task.add_done_callback(self._reloading.discard)
-            case Answer(request_id) | Stored(request_id) | Deleted(request_id):
+            case (
+                Answer(request_id) | Stored(request_id) | Deleted(request_id) | Restored(request_id)
+            ):
                 self._resolve(request_id, message, None)
             case Refused(request_id, status, code, text, headers, reason):
                 self._resolve(request_id, None, rebuilt(status, code, text, headers, reason))
 
-    async def _reload(self, change_id: int, name: str) -> None:
+    async def _reload(self, change_id: int, name: str, deleted: bool = False) -> None:
         try:
             if self.reload is not None:
-                await self.reload(name)
+                await self.reload(name, deleted)
         except Exception:  # the registry is down: the catalog's watcher catches up later
             log.exception("task %s changed, and could not be read again", name)
         with contextlib.suppress(Exception):

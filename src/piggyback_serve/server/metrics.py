@@ -110,6 +110,8 @@ class _StateCollector(Collector):
         "engine_workers": "Engine workers in the pool",
         "engine_workers_alive": "Engine workers running (ready for batches)",
         "ready": "1 when the backbone is loaded and the registry reachable",
+        "registry_reset": "1 while the registry is found reset and tasks served here are held",
+        "tasks_held": "Tasks served here that a registry reset took from the registry",
     }
     # Per engine worker (label `worker`: its index in the pool).
     WORKER_COUNTERS = {

@@ -233,12 +233,29 @@ class Deleted:
 
 
 @dataclass(frozen=True)
+class RestoreRegistry:
+    """POST /registry/restore: write the tasks held through a registry reset back into the
+    registry from the service's local copies; answers Restored."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Restored:
+    request_id: int
+    restored: tuple[str, ...]
+    failed: dict[str, str]  # name -> why it was not written back
+
+
+@dataclass(frozen=True)
 class TaskChanged:
     """A task was uploaded or deleted through another front end: read it again from the
-    registry, then say `Reloaded`, before the upload or delete is answered."""
+    registry, then say `Reloaded`, before the upload or delete is answered. `deleted`: a
+    delete, which goes even for a task held through a registry reset."""
 
     change_id: int
     name: str
+    deleted: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,6 +286,8 @@ class EngineStatus:
     host_tier: TierStats | None
     queue_depth: int
     failed: dict[str, str]  # tasks whose artifact the service found invalid
+    # Tasks the service serves that a registry reset took from the registry (catalog.py).
+    held: int = 0
 
 
 # -- framing over a stream ------------------------------------------------------------------
@@ -283,6 +302,8 @@ _STREAM_MESSAGES = (
     DeleteTask,
     Stored,
     Deleted,
+    RestoreRegistry,
+    Restored,
     TaskChanged,
     Reloaded,
     EngineStatus,

@@ -60,9 +60,16 @@ class TaskList(BaseModel):
 
 
 class Health(BaseModel):
-    """GET /readyz when ready."""
+    """GET /readyz when ready: status "ready", or "degraded" (serving, with `degraded`
+    saying what is wrong)."""
 
     status: str
+    degraded: str | None = Field(
+        None, description="why the status is degraded: a registry reset (POST /registry/restore)"
+    )
+    held: int = Field(
+        0, description="tasks served here that a registry reset took from the registry"
+    )
     backbone: str
     registry: str
     tasks: int = Field(description="tasks listed from the registry (headers read)")

@@ -29,6 +29,8 @@ from piggyback_serve.server.protocol import (
     Hello,
     Refused,
     Reloaded,
+    Restored,
+    RestoreRegistry,
     Stored,
     StoreTask,
     Submit,
@@ -138,8 +140,13 @@ class ServiceSocket:
                     reply = Stored(request_id, task.version)
                 case DeleteTask(request_id, name):
                     removed = await self.svc.require_catalog().delete(name)
-                    await self._changed(front, name)
+                    await self._changed(front, name, deleted=True)
                     reply = Deleted(request_id, removed)
+                case RestoreRegistry(request_id):
+                    restored, failed = await self.svc.require_catalog().restore()
+                    for name in restored:
+                        await self._changed(front, name)
+                    reply = Restored(request_id, tuple(restored), failed)
                 case _:
                     log.error("engine service: unknown message %r", type(message).__name__)
                     return
@@ -165,7 +172,7 @@ class ServiceSocket:
         )
         return Answer(message.request_id, tuple(map(probs_to_bytes, probs)), answered.version)
 
-    async def _changed(self, origin: _FrontEnd, name: str) -> None:
+    async def _changed(self, origin: _FrontEnd, name: str, deleted: bool = False) -> None:
         """Every other front end lists an upload or delete before the origin answers it
         (each reads the task again and says so; one that does not in time is not waited
         for: its own rescan will find it)."""
@@ -177,7 +184,7 @@ class ServiceSocket:
             self._reloads[(change_id, pid)] = ack
         try:
             for front in others:
-                await front.send(TaskChanged(change_id, name))
+                await front.send(TaskChanged(change_id, name, deleted))
             if acks:
                 await asyncio.wait(acks.values(), timeout=RELOAD_WAIT_S)
         finally:
@@ -214,4 +221,5 @@ class ServiceSocket:
             host_tier=catalog.host.stats() if catalog else None,
             queue_depth=svc.batcher.depth(),
             failed=dict(catalog.failed) if catalog else {},
+            held=len(catalog.held) if catalog else 0,
         )

@@ -97,6 +97,13 @@ class Services:
             found.update(self.catalog.failed)
         return found
 
+    def held(self) -> int:
+        """Tasks served here that a registry reset took from the registry (catalog.py):
+        the engine service's count where there is one, which holds their copies."""
+        if self.remote is not None:
+            return self.remote.held
+        return len(self.catalog.held) if self.catalog is not None else 0
+
     def tasks_loaded(self) -> int:
         """Task states ready in host memory (the engine service's, where there is one)."""
         host = self.tiers().get("host")
@@ -131,6 +138,8 @@ class Services:
             "engine_workers": len(workers),
             "engine_workers_alive": engine.alive,
             "ready": float(self.ready and not self.catalog.registry_error),
+            "registry_reset": float((held := self.held()) > 0),
+            "tasks_held": held,
             "workers": workers,
         }
 

@@ -40,8 +40,16 @@ async def readyz(svc: ServicesDep):
         states = Counter(w.state for w in engine.workers())
         shown = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         return _not_ready(f"not ready: no engine worker can serve ({shown}; being replaced)")
+    held = svc.held()
     return Health(
-        status="ready",
+        status="degraded" if held else "ready",
+        degraded=(
+            f"registry reset: {held} tasks served here are not in the registry "
+            "(POST /registry/restore writes them back)"
+            if held
+            else None
+        ),
+        held=held,
         backbone=engine.backbone.name,
         registry=svc.registry.url,
         tasks=len(catalog.tasks),
