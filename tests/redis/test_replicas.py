@@ -154,10 +154,10 @@ def test_demo_seed_uploads_once(cluster, redis_artifacts, tmp_path):
 
 def test_a_job_on_a_is_followed_on_b_and_its_task_served_by_b(cluster):
     """A training job accepted by A: B lists it, follows it and serves its task."""
-    from tests.server.test_jobs import CLASSES, FAST, colour_png, tar_gz
+    from tests.server.test_jobs import CLASSES, FAST, colour_png, zipped
 
     _, a, b = cluster
-    r = a.post("/tasks/learned/train", params=FAST, content=tar_gz(), headers=AUTH)
+    r = a.post("/tasks/learned/train", params=FAST, content=zipped(), headers=AUTH)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert b.get(f"/jobs/{job_id}").json()["task"] == "learned"

@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,16 @@ def tar_gz(per_class: int = 6, classes: dict = CLASSES, top: str | None = "photo
                 info = tarfile.TarInfo("/".join(p for p in (top, name, f"{i}.png") if p))
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zipped(per_class: int = 6, classes: dict = CLASSES) -> bytes:
+    """A zip of one folder per class at its root."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for c, (name, rgb) in enumerate(classes.items()):
+            for i in range(per_class):
+                archive.writestr(f"{name}/{i}.png", colour_png(rgb, seed=100 * c + i))
     return buf.getvalue()
 
 

@@ -3,11 +3,12 @@
 A job is accepted by a route (server/routes/jobs.py): its archive unpacked under
 `home/jobs/<id>/images`, its record `queued` in the job store. The manager runs where the
 engine runs (the single process, or the engine service beside the front ends): it starts
-queued jobs of its folder, up to PIGGY_TRAIN_WORKERS at once, each in a spawned process
-(server/jobs/runner.py) with PIGGY_TRAIN_THREADS torch threads on the CPU, and writes
+queued jobs of its folder, up to PIGGY_TRAIN_WORKERS at once, each in a trainer of its
+own (server/jobs/trainers.py: a spawned process, or a Ray task under Ray Serve) with
+PIGGY_TRAIN_THREADS torch threads on the CPU, and writes
 their progress to the store. A trained task goes through the upload path (the catalog's
 `put`: checked, stored in the registry, served by every replica). A cancel asked through
-any replica stops the process. Then the job's folder is removed.
+any replica stops the trainer. Then the job's folder is removed.
 
 At start it takes back what a restart interrupted: a job `running` or `queued` in its
 folder is queued again and resumes from its last epoch's checkpoint (masks/train.py); one
@@ -18,22 +19,20 @@ for `STALE_S` fails too, so that no job stays `running` for ever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import multiprocessing
 import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from piggyback_serve.masks.artifact import write_atomic
 from piggyback_serve.server.errors import ServeError
 from piggyback_serve.server.jobs import runner
 from piggyback_serve.server.jobs.model import Job, JobError, JobResult, Progress, now
 from piggyback_serve.server.jobs.store import JobStore, prune
+from piggyback_serve.server.jobs.trainers import Trainer, start_trainer
 from piggyback_serve.server.metrics import Metrics
 from piggyback_serve.server.registry import RegistryError
 from piggyback_serve.server.settings import Settings
@@ -44,7 +43,7 @@ TICK_S = 0.2  # how often running jobs are looked at (progress, cancels, exits)
 PROGRESS_S = 0.25  # progress written at most this often (and at every epoch's end)
 HEARTBEAT_S = 5.0  # a job's record is touched at least this often while it is ours
 STALE_S = 60.0  # a job nobody touched this long, on no replica's disk here, fails
-STOP_S = 5.0  # a cancelled trainer gets this long after SIGTERM before SIGKILL
+CHECKPOINT = "checkpoint.safetensors"  # in the job's folder (masks/train.py writes it)
 
 StoreTask = Callable[[str, bytes], Awaitable[object]]
 
@@ -65,12 +64,10 @@ def replica_name() -> str:
 @dataclass
 class Running:
     job: Job
-    process: BaseProcess
-    conn: Connection
+    trainer: Trainer
     written_at: float = 0.0
-    dirty: bool = False
+    dirty: bool = False  # progress not written yet
     outcome: runner.Trained | runner.Failed | None = None
-    stopping_since: float | None = None
     began: float = field(default_factory=time.monotonic)
 
 
@@ -84,7 +81,6 @@ class JobManager:
         self.store_task = store_task  # the catalog's put: the upload path
         self.root = jobs_folder(settings)
         self.running: dict[str, Running] = {}
-        self._context = multiprocessing.get_context("spawn")
         self._beat_at = 0.0
         self._stale_at = 0.0
 
@@ -99,7 +95,7 @@ class JobManager:
                 await asyncio.sleep(TICK_S)
         finally:
             for run in self.running.values():  # the server stops: jobs resume at its return
-                _stop(run.process)
+                run.trainer.stop()
 
     async def _guarded(self, step: Awaitable[None]) -> None:
         try:
@@ -180,47 +176,49 @@ class JobManager:
             job_id=job.id,
             task=job.task,
             images=folder / "images",
-            checkpoint=folder / "checkpoint.safetensors",
+            checkpoint=folder / CHECKPOINT,
             backbone=self.settings.backbone,
             weights=self.settings.backbone_weights,
             device=self.settings.device,
             threads=self.settings.train_threads,
             options=job.options.model_dump(),
         )
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(
-            target=runner.main, args=(theirs, spec), name=f"piggy-train-{job.id[:8]}", daemon=True
+        trainer = await asyncio.to_thread(start_trainer, spec, self.settings.device)
+        log.info(
+            "job %s: training task %s (%d images), %s",
+            job.id,
+            job.task,
+            job.data.images,
+            trainer.where,
         )
-        process.start()
-        theirs.close()
-        log.info("job %s: training task %s (%d images)", job.id, job.task, job.data.images)
         # Progress starts over from the trainer's first word: after a restart, the step
         # after its checkpoint.
         job = await self._save(
-            job, state="running", started=job.started or now(), progress=Progress()
+            job,
+            state="running",
+            started=job.started or now(),
+            progress=Progress(),
+            trainer=trainer.where,
         )
-        self.running[job.id] = Running(job, process, ours, written_at=time.monotonic())
+        self.running[job.id] = Running(job, trainer, written_at=time.monotonic())
         self.metrics.jobs_running.set(len(self.running))
 
     # Following --------------------------------------------------------------------------
 
     async def _follow(self, run: Running) -> None:
-        self._drain(run)
+        await self._drain(run)
+        if run.outcome is None and (code := run.trainer.exit_code()) is not None:
+            await self._drain(run)  # what it sent just before it exited
+            if run.outcome is None:
+                run.outcome = runner.Failed(
+                    "training_failed", f"the trainer exited with code {code}"
+                )
         if run.outcome is not None:
             await self._finish(run)
             return
-        if not run.process.is_alive():
-            self._drain(run)  # what it sent just before it exited
-            if run.outcome is None:
-                run.outcome = runner.Failed(
-                    "training_failed", f"the trainer exited with code {run.process.exitcode}"
-                )
-            await self._finish(run)
-            return
         if await self.store.cancel_asked(run.job.id):
-            _stop(run.process)
+            await asyncio.to_thread(run.trainer.stop)
             del self.running[run.job.id]
-            run.conn.close()
             await self._end(run.job, state="cancelled")
             return
         clock = time.monotonic()
@@ -228,31 +226,29 @@ class JobManager:
             run.job = await self._save(run.job)
             run.written_at, run.dirty = clock, False
 
-    def _drain(self, run: Running) -> None:
-        """Take every message the trainer sent: its progress, then its outcome."""
-        try:
-            while run.outcome is None and run.conn.poll():
-                message = run.conn.recv()
-                match message:
-                    case runner.Stepped():
-                        progress = Progress(
-                            step=message.step,
-                            steps=message.steps,
-                            epoch=message.epoch,
-                            epochs=message.epochs,
-                            loss=round(message.loss, 6),
-                        )
-                        run.job = run.job.model_copy(update={"progress": progress})
-                        run.dirty = True
-                    case runner.Trained() | runner.Failed():
-                        run.outcome = message
-        except (EOFError, OSError):
-            pass  # the trainer is gone: `_follow` sees its exit
+    async def _drain(self, run: Running) -> None:
+        """Take every message the trainer sent: progress, checkpoints, then its outcome."""
+        for message in await asyncio.to_thread(run.trainer.poll):
+            match message:
+                case runner.Stepped():
+                    progress = Progress(
+                        step=message.step,
+                        steps=message.steps,
+                        epoch=message.epoch,
+                        epochs=message.epochs,
+                        loss=round(message.loss, 6),
+                    )
+                    run.job = run.job.model_copy(update={"progress": progress})
+                    run.dirty = True
+                case runner.Checkpointed():  # a Ray task's: kept here for a resume
+                    path = self.root / run.job.id / CHECKPOINT
+                    await asyncio.to_thread(write_atomic, path, message.data)
+                case runner.Trained() | runner.Failed():
+                    run.outcome = message
 
     async def _finish(self, run: Running) -> None:
         del self.running[run.job.id]
-        run.conn.close()
-        run.process.join(STOP_S)
+        await asyncio.to_thread(run.trainer.stop)  # a process exits by itself: reaped here
         job, outcome = run.job, run.outcome
         if isinstance(outcome, runner.Failed):
             log.warning("job %s failed: %s", job.id, outcome.message)
@@ -327,12 +323,3 @@ class JobManager:
 
     def _remove_folder(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
-
-
-def _stop(process: BaseProcess) -> None:
-    with contextlib.suppress(Exception):
-        process.terminate()
-        process.join(STOP_S)
-        if process.is_alive():
-            process.kill()
-            process.join(STOP_S)

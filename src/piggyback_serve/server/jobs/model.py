@@ -77,6 +77,7 @@ class Job(BaseModel):
     options: TrainOptions = TrainOptions()
     data: JobData
     replica: str = Field(description="the replica that holds the job's images and runs it")
+    trainer: str | None = Field(None, description='where it trains: "process PID", "ray task ID"')
     updated: float = Field(description="Unix time of the last word from the job's replica")
 
     @classmethod

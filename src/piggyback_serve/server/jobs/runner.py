@@ -1,5 +1,6 @@
-"""One training job in a process of its own (spawned by server/jobs/manager.py): the images
-the archive held, `piggy-masks train`'s own steps, progress and the artifact sent back.
+"""One training job, in a process of its own or a Ray task (server/jobs/trainers.py): the
+images the archive held, `piggy-masks train`'s own steps, progress and the artifact sent
+back.
 
 It learns exactly what `piggy-masks train FOLDER` learns with the same options and seed
 (the same split, defaults and code, masks/train.py), then the classifier-only baseline on
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -55,19 +57,33 @@ class Failed:
     message: str
 
 
+@dataclass(frozen=True)
+class Checkpointed:
+    """The checkpoint file's bytes, from a trainer whose disk is not the job's folder (a
+    Ray task on another node): the manager keeps them there for a resume."""
+
+    data: bytes
+
+
 def main(conn: Connection, spec: RunSpec) -> None:
-    """The process's entry point: train, send `Trained` or `Failed`, exit."""
+    """A spawned process's entry point (server/jobs/trainers.py): train, send the outcome."""
     # The manager stops a cancelled job with SIGTERM: exit at once, nothing to tidy.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
-        conn.send(_train(conn, spec))
-    except Exception as exc:  # whatever it was, the job fails saying so
-        conn.send(Failed(_code(exc), f"{type(exc).__name__}: {exc}"))
+        conn.send(run(spec, conn.send))
     finally:
         conn.close()
 
 
-def _train(conn: Connection, spec: RunSpec) -> Trained:
+def run(spec: RunSpec, send: Callable[[object], None]) -> Trained | Failed:
+    """Train; `send` takes each `Stepped`. Whatever goes wrong is the job's `Failed`."""
+    try:
+        return _train(send, spec)
+    except Exception as exc:
+        return Failed(_code(exc), f"{type(exc).__name__}: {exc}")
+
+
+def _train(send: Callable[[object], None], spec: RunSpec) -> Trained:
     import torch
 
     from piggyback_serve.masks import artifact, data, train
@@ -94,7 +110,7 @@ def _train(conn: Connection, spec: RunSpec) -> Trained:
     )
 
     def report(p: train.Progress) -> None:
-        conn.send(Stepped(p.step, p.steps, p.epoch, p.epochs, float(p.loss)))
+        send(Stepped(p.step, p.steps, p.epoch, p.epochs, float(p.loss)))
 
     result = train.train(
         backbone, dataset, config, spec.task, on_step=report, checkpoint=spec.checkpoint
