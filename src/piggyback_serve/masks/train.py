@@ -3,16 +3,31 @@
 - piggyback:       scores for every backbone Conv2d/Linear weight + a new head
 - classifier-only: the frozen backbone + a new head
 - finetune:        every backbone weight + a new head (BN statistics stay frozen)
+
+A caller that drives a run (the server's training jobs) passes `on_step`, called with a
+`Progress` after every optimizer step (an exception it raises stops the run and propagates:
+that is how a job is cancelled), and `checkpoint`, a safetensors file written after every
+epoch with what the run needs to go on: the trained tensors, Adam's state, the lr schedule's
+position, the shuffle's and the global RNG's states. `train` resumes from an existing
+checkpoint after its last epoch, with the same result as a run never interrupted; a
+checkpoint written by another run (config, data or backbone differ) raises `CheckpointError`.
+The file stays when the run ends: the caller deletes it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -21,6 +36,7 @@ from piggyback_serve.masks import artifact as artifact_mod
 from piggyback_serve.masks.backbones import Backbone
 from piggyback_serve.masks.data import LabelledData, preprocess_all
 from piggyback_serve.masks.device import resolve_device
+from piggyback_serve.masks.errors import MasksError
 from piggyback_serve.masks.layers import DEFAULT_THRESHOLD, PiggybackModel
 
 Mode = Literal["piggyback", "classifier-only", "finetune"]
@@ -61,6 +77,22 @@ class TrainResult:
     seconds: float
     model: nn.Module
     epochs: int = 0  # epochs actually run: config.epochs raised by min_steps
+
+
+@dataclass(frozen=True)
+class Progress:
+    """After an optimizer step: `step` of `steps` over the whole run (from 1), `epoch` of
+    `epochs` (from 1), the step's training loss."""
+
+    step: int
+    steps: int
+    epoch: int
+    epochs: int
+    loss: float
+
+
+class CheckpointError(MasksError):
+    """A checkpoint file can't be read, or another run (config, data, backbone) wrote it."""
 
 
 class _ClassifierOnly(nn.Module):
@@ -126,10 +158,16 @@ def effective_epochs(config: TrainConfig, train_size: int) -> int:
 
 
 def train(
-    backbone: Backbone, data: LabelledData, config: TrainConfig, task: str | None = None
+    backbone: Backbone,
+    data: LabelledData,
+    config: TrainConfig,
+    task: str | None = None,
+    *,
+    on_step: Callable[[Progress], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Train one model on data.train, report accuracy on data.test; the progress bar names
-    `task` (default: the data set's name)."""
+    `task` (default: the data set's name). `on_step` and `checkpoint`: the module's doc."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -144,18 +182,20 @@ def train(
         # The backbone is frozen (BN too): its features are computed once, not every epoch.
         train_set = _features(backbone, train_set, device)
         step_model = model.head
+    shuffle = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
+        train_set, batch_size=config.batch_size, shuffle=True, generator=shuffle
     )
     optimizer = _optimizer(model, config)
     epochs = effective_epochs(config, len(train_set))
     milestone = math.ceil(epochs / 2) if epochs > 1 else epochs + 1
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], config.lr_decay)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
+    run = _Run(model, optimizer, schedule, shuffle, device)
+    fingerprint = _fingerprint(config, epochs, data, backbone)
+    done = run.resume(checkpoint, fingerprint) if checkpoint and checkpoint.exists() else 0
+    steps, step = epochs * len(loader), done * len(loader)
+    for epoch in range(done, epochs):
         model.train()
         bar = tqdm(
             loader,
@@ -169,8 +209,13 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            step, value = step + 1, loss.item()
+            bar.set_postfix(loss=f"{value:.3f}")
+            if on_step is not None:
+                on_step(Progress(step, steps, epoch + 1, epochs, value))
         schedule.step()
+        if checkpoint is not None:
+            run.save(checkpoint, fingerprint, epoch + 1)
     accuracy = evaluate(model, data, backbone, config, device)
     result = TrainResult(
         mode=config.mode,
@@ -184,6 +229,102 @@ def train(
     result.task_bytes = _task_bytes(result, backbone, data, config)
     result.seconds = time.perf_counter() - start
     return result
+
+
+CHECKPOINT_FORMAT = "piggyback-train-checkpoint/1"
+
+
+def _fingerprint(config: TrainConfig, epochs: int, data: LabelledData, backbone: Backbone):
+    """What a checkpoint must match to be resumed: everything that shapes the run."""
+    targets = torch.as_tensor(data.train.targets).to(torch.int64).contiguous()
+    run = {
+        "config": {k: v for k, v in asdict(config).items() if k not in ("device", "progress")},
+        "epochs": epochs,
+        "train_size": len(targets),
+        "train_targets": hashlib.sha256(targets.numpy().tobytes()).hexdigest(),
+        "labels": list(data.labels),
+        "backbone": backbone.name,
+        "backbone_sha256": backbone.fingerprint,
+    }
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Run:
+    """The state a run carries from one epoch to the next, and its checkpoint file:
+    tensors `model/<state_dict key>`, `bn_buffers/<name>` (piggyback with per-task BN),
+    `optimizer/<param index>/<exp_avg|exp_avg_sq|step>`, `rng/shuffle`, `rng/torch`
+    (`rng/cuda`); metadata `format`, `fingerprint`, `epoch` (epochs finished),
+    `lrs` (the optimizer's param-group lrs) and `scheduler` (its position), as JSON."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    shuffle: torch.Generator
+    device: torch.device
+
+    def save(self, path: Path, fingerprint: str, epoch: int) -> None:
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        if isinstance(self.model, PiggybackModel):
+            tensors.update({f"bn_buffers/{k}": v for k, v in self.model.bn_buffers.items()})
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer/{index}/{k}": v for k, v in state.items()})
+        tensors["rng/shuffle"] = self.shuffle.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        position = self.schedule.state_dict()
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "epoch": str(epoch),
+            "lrs": json.dumps([group["lr"] for group in self.optimizer.param_groups]),
+            "scheduler": json.dumps({k: position[k] for k in _SCHEDULE_POSITION}),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        artifact_mod.write_atomic(path, safetensors.torch.save(tensors, metadata), "ckpt")
+
+    def resume(self, path: Path, fingerprint: str) -> int:
+        """Load the checkpoint into this run; the number of epochs it had finished."""
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable ({e})") from e
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path}: not a training checkpoint")
+        if metadata.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was written by another run (its config, data or backbone "
+                "differ from this one's); delete it to start over"
+            )
+        part = {p: {} for p in ("model", "bn_buffers", "optimizer", "rng")}
+        for key, tensor in tensors.items():
+            kind, _, name = key.partition("/")
+            part[kind][name] = tensor
+        self.model.load_state_dict(part["model"])
+        for name, tensor in part["bn_buffers"].items():
+            self.model.bn_buffers[name].copy_(tensor)
+        state = self.optimizer.state_dict()
+        state["state"] = {}
+        for key, tensor in part["optimizer"].items():
+            index, _, name = key.partition("/")
+            state["state"].setdefault(int(index), {})[name] = tensor
+        for group, lr in zip(state["param_groups"], json.loads(metadata["lrs"]), strict=True):
+            group["lr"] = lr
+        self.optimizer.load_state_dict(state)
+        self.schedule.load_state_dict(
+            {**self.schedule.state_dict(), **json.loads(metadata["scheduler"])}
+        )
+        self.shuffle.set_state(part["rng"]["shuffle"])
+        torch.set_rng_state(part["rng"]["torch"])
+        if "cuda" in part["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(part["rng"]["cuda"], self.device)
+        return int(metadata["epoch"])
+
+
+_SCHEDULE_POSITION = ("last_epoch", "_step_count", "_last_lr")
 
 
 @torch.no_grad()  # not inference_mode: the head's backward saves these features
