@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
+import httpx
 import pytest
 
 from piggyback_serve.server.artifact_cache import ArtifactCache
 from piggyback_serve.server.registry.dir import ID_FILE, DirRegistry
 from tests.server.server_support import TASKS, metric, png, serving, settings_for, until
+from tests.server.test_e2e import piggy_serve
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +155,58 @@ def test_the_artifact_copy_stays_within_its_budget_least_recently_used_first(tmp
     off = ArtifactCache(tmp_path / "off", budget=0)
     off.put("a", "v1", b"a")
     assert not off.has("a", "v1") and not (tmp_path / "off").exists()
+
+
+@pytest.mark.slow
+def test_front_ends_keep_serving_and_restore_through_the_engine_service(
+    tmp_path, registry_dir, reference
+):
+    """`--frontends 2`: the engine service holds the copies and the states, each front
+    end's own listing holds the tasks too, and /readyz of either says what the service does."""
+    env = dict(
+        PIGGY_BACKBONE="resnet18",
+        PIGGY_BACKBONE_WEIGHTS="random",
+        PIGGY_REGISTRY=f"dir:{registry_dir}",
+        PIGGY_ENGINE_WORKERS="1",
+        PIGGY_REGISTRY_RESCAN_S="0.2",
+    )
+    image = png(31)
+    with piggy_serve(tmp_path, "--frontends", "2", **env) as client:
+        url = str(client.base_url).rstrip("/")
+        deadline = time.monotonic() + 20
+        while copies(tmp_path / "home") != set(TASKS):  # the service's background fill
+            assert time.monotonic() < deadline, copies(tmp_path / "home")
+            time.sleep(0.1)
+        for item in registry_dir.iterdir():
+            item.unlink()
+
+        def degraded() -> bool:
+            body = httpx.get(f"{url}/readyz").json()  # either front end
+            return body["status"] == "degraded" and body["held"] == len(TASKS)
+
+        deadline = time.monotonic() + 10
+        while not all(degraded() for _ in range(4)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for _ in range(3):  # new connections: both front ends answer
+            for task in TASKS:
+                r = httpx.post(f"{url}/predict?task={task}", content=image)
+                assert r.status_code == 200, r.text
+                reference.check(task, image, r.json()["results"][0])
+            listed = httpx.get(f"{url}/tasks").json()["tasks"]
+            assert sorted(t["name"] for t in listed) == sorted(TASKS)
+        assert metric(client.get("/metrics").text, "piggy_tasks_held") == len(TASKS)
+
+        r = client.post("/registry/restore")
+        assert r.status_code == 200 and r.json()["restored"] == sorted(TASKS), r.text
+        assert sorted(p.name for p in registry_dir.glob("*.safetensors")) == sorted(
+            f"{t}.safetensors" for t in TASKS
+        )
+        deadline = time.monotonic() + 5
+        while not all(httpx.get(f"{url}/readyz").json()["status"] == "ready" for _ in range(4)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert client.delete("/tasks/beta").status_code == 204
+        for _ in range(4):
+            r = httpx.post(f"{url}/predict?task=beta", content=image)
+            assert r.status_code == 404, r.text
