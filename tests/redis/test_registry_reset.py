@@ -4,10 +4,13 @@ back for every replica; deletes are obeyed again afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks.backbones import load_backbone
+from piggyback_serve.server.registry import StorageError, open_registry
 from tests.redis.redis_support import RedisServer, eventually, free_port, replica, serve_command
 from tests.server.server_support import Reference, metric, png
 
@@ -105,3 +108,25 @@ def test_an_empty_redis_is_no_mass_delete(tmp_path, redis_server, redis_artifact
         r = b.post("/predict?task=one", content=IMAGE, headers={"content-type": "image/png"})
         assert r.status_code == 404
         assert a.get("/readyz").json()["tasks"] == 1
+
+
+@pytest.mark.anyio
+async def test_the_identity_is_made_once_and_read_past_maxmemory(redis_server):
+    registries = [open_registry(redis_server.url) for _ in range(3)]
+    try:
+        tokens = await asyncio.gather(*(r.identity() for r in registries * 2))
+        assert len(set(tokens)) == 1 and len(tokens[0]) == 32
+        assert redis_server.command("GET", "piggy:id") == f"$32\r\n{tokens[0]}\r\n".encode()
+        # Every write refused (noeviction): the token that is there still reads.
+        assert redis_server.command("CONFIG", "SET", "maxmemory", "1").startswith(b"+OK")
+        redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        assert await registries[1].identity() == tokens[0]
+        # Emptied and full: no token can be made, which is said, not guessed.
+        assert redis_server.command("FLUSHALL").startswith(b"+OK")
+        with pytest.raises(StorageError):
+            await registries[2].identity()
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        assert await registries[0].identity() not in tokens
+    finally:
+        for registry in registries:
+            await registry.close()
