@@ -33,7 +33,7 @@ class ArtifactCache:
         self.folder = Path(folder)
         self.budget = budget
         self._files: dict[Path, tuple[int, float]] = {}  # path -> (size, last used)
-        self._lock = threading.Lock()  # calls come from worker threads
+        self._lock = threading.RLock()  # calls come from the loop and worker threads
         if budget > 0:
             self._scan()
 
@@ -43,7 +43,8 @@ class ArtifactCache:
 
     @property
     def bytes(self) -> int:
-        return sum(size for size, _ in self._files.values())
+        with self._lock:
+            return sum(size for size, _ in self._files.values())
 
     def room_for(self, size: int) -> bool:
         """Whether `size` more bytes fit without removing anything."""
@@ -74,10 +75,10 @@ class ArtifactCache:
         if self.budget <= 0 or len(data) > self.budget:
             return
         path = self._path(name, version)
-        if self._files.get(path, (None,))[0] == len(data):  # kept already: now used
-            with self._lock:
+        with self._lock:
+            if self._files.get(path, (None,))[0] == len(data):  # kept already: now used
                 self._files[path] = (len(data), time.monotonic())
-            return
+                return
         try:
             write_atomic(path, data)
         except OSError as exc:
