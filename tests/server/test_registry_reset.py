@@ -107,6 +107,28 @@ async def test_held_tasks_go_when_deleted_or_uploaded_here(
         assert body["status"] == "ready" and body["tasks"] == 1
 
 
+async def test_a_reset_between_the_listing_and_the_identity_is_caught(
+    tmp_path, registry_dir, backbone, monkeypatch
+):
+    settings = settings_for(tmp_path, registry_dir, registry_rescan_s=30)
+    async with serving(settings, backbone) as client:
+        catalog = client.app.state.services.catalog
+        registry = catalog.registry
+        listed = registry.list
+
+        async def list_then_reset():
+            found = await listed()
+            for item in registry_dir.iterdir():  # emptied right after it was listed
+                item.unlink()
+            monkeypatch.setattr(registry, "list", listed)
+            return found
+
+        monkeypatch.setattr(registry, "list", list_then_reset)
+        await catalog.refresh()  # the full listing, then a new identity
+        await catalog.refresh()  # the empty listing under the new identity
+        assert catalog.held == set(TASKS) and sorted(catalog.tasks) == sorted(TASKS)
+
+
 async def test_without_a_copy_a_held_task_says_why(tmp_path, registry_dir, backbone):
     settings = settings_for(tmp_path, registry_dir, registry_rescan_s=0.1, artifact_cache_bytes=0)
     async with serving(settings, backbone) as client:
