@@ -178,6 +178,7 @@ class Catalog:
                 self.registry_error = message
 
     def _hold(self, names: set[str], identity: str) -> None:
+        """A new identity: keep serving `names` (known here, gone there); say so once."""
         if not names:  # nothing here is missing there: nothing to keep, nothing to say
             log.info("registry %s has a new identity %s", self.registry.url, identity)
             return
