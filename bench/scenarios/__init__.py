@@ -54,6 +54,7 @@ PAGES = {
     "registry_scale.md": "The server against the size of its registry",
     "oip_grpc.md": "The Open Inference Protocol over gRPC against REST",
     "frontends.md": "HTTP front ends on the CPU",
+    "training.md": "Learning a task through the server",
 }
 
 _LATENCY = ("p50 ms", "p99 ms")
@@ -723,6 +724,90 @@ SCENARIOS: dict[str, Scenario] = {
                     ("side", "images", "images/s", "images/server CPU-s", "p50 ms", "p99 ms"),
                 )
             },
+        ),
+        Scenario(
+            "training",
+            "training.md",
+            "A folder of images to a served task, through the training-job API",
+            {
+                "folder of 400 images (5 classes, 64 px) → task served, over HTTP, wall time "
+                "on 2 cores (s)": "≤ 180",
+                "held-out accuracy of that task vs `piggy-masks train` on the same folder and "
+                "seed (difference, points)": "0 (equal)",
+                "p99 of /predict during a job ÷ without (64 px, PIGGY_TRAIN_THREADS=1)": "≤ 2",
+                "a 10 MB zip that expands to 1 GB: bytes written before it is refused": (
+                    "≤ the uncompressed limit (PIGGY_MAX_ARCHIVE_EXPANDED_BYTES)"
+                ),
+            },
+            {
+                "checks": Table("The goals", ("figure", "value", "goal", "verdict")),
+                "wall": Table(
+                    "Where the wall time went: seconds from the start of Client.train, as "
+                    "GET /jobs/{id} (polled every 0.2 s) first showed each state",
+                    ("moment", "s", "step"),
+                ),
+                "accuracy": Table(
+                    "The job and `piggy-masks train` on the same folder, seed 0, 64 px, 1 "
+                    "torch thread, one after the other; training s: the job's from its first "
+                    "step to its last as polled, the CLI's as it prints it; wall s and CPU s: "
+                    "the job's from upload to first answer (the server tree, trainer "
+                    "included), the CLI's process",
+                    (
+                        "side",
+                        "held-out accuracy %",
+                        "classifier-only %",
+                        "switched off %",
+                        "training s",
+                        "wall s",
+                        "CPU s",
+                        "other processes' cores",
+                    ),
+                ),
+                "cpu": Table(
+                    "The machine while the job ran (from upload to first answer): the server "
+                    "tree (trainer included) and the other processes",
+                    (
+                        "wall s",
+                        "server CPU s",
+                        "server cores",
+                        "other processes' cores",
+                        "load (1 min) before",
+                        "load after",
+                    ),
+                ),
+                "p99": Table(
+                    "/predict on another task (open loop, latency from the schedule), windows "
+                    "in order; during: a second job training (its steps over the window), "
+                    "cancelled before the last window",
+                    (
+                        "window",
+                        "requests",
+                        "errors",
+                        "p50 ms",
+                        "p99 ms",
+                        "server cores",
+                        "other processes' cores",
+                        "load (1 min) before",
+                        "job steps",
+                    ),
+                ),
+                "bomb": Table(
+                    "The zip bomb: in this process (archive.unpack) and over HTTP (the bytes "
+                    "under $PIGGY_HOME/jobs, upload included, sampled every 20 ms while the "
+                    "POST ran: a lower bound of the peak)",
+                    (
+                        "where",
+                        "status",
+                        "bytes written",
+                        "most bytes seen under jobs/ (sampled)",
+                        "message",
+                        "left behind",
+                        "s",
+                    ),
+                ),
+            },
+            in_quick=False,
+            cpu_only=True,
         ),
     )
 }
