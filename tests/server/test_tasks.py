@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from piggyback_serve.masks import artifact as artifacts
+from piggyback_serve.server.registry.dir import ID_FILE
 from tests.server.server_support import make_artifact, png, serving, until
 
 pytestmark = pytest.mark.anyio
@@ -20,7 +21,8 @@ async def test_put_predict_delete_then_404(settings, registry_dir, backbone, ref
         assert r.status_code == 201, r.text
         assert r.json()["name"] == "uploaded" and r.json()["size_bytes"] == len(data)
         assert (registry_dir / "uploaded.safetensors").read_bytes() == data
-        assert not [p for p in registry_dir.iterdir() if p.name.startswith(".")]  # no temp left
+        temps = [p for p in registry_dir.iterdir() if p.name.endswith(".tmp")]
+        assert not temps and (registry_dir / ID_FILE).exists()  # no temp left, an identity
 
         r = await client.post("/predict?task=uploaded", content=image)
         assert r.status_code == 200 and r.json()["task"] == "uploaded"
