@@ -3,8 +3,9 @@
 Everything runs against `piggy-serve` in a subprocess (bench/procs.py): the demo backbone,
 efficientnet_lite0 with its packaged weights, a folder registry in a temp folder, no admin
 token, PIGGY_TRAIN_THREADS=1 (the default), the CPU. The data are the project's own: 5
-classes x 80 of scikit-learn's digits (0-4, the first 80 of each in the data set's order,
-masks/data.py's `digits`), upscaled to 64 px and written as PNG files, a folder per class.
+classes x 80 of scikit-learn's digits (0-4, the first 80 of each in the training split of
+masks/data.py's `digits(seed=0)`), upscaled to 64 px, written as PNG files, a folder per
+class.
 
 - wall time: from the start of `Client.train` (the folder packed as tar.gz and streamed to
   POST /tasks/{name}/train, input_size=64, seed 0, every other option the default) to the
@@ -15,17 +16,20 @@ masks/data.py's `digits`), upscaled to 64 px and written as PNG files, a folder 
   defaults: 1 torch thread, classifier-only compared too, as the job does): the held-out
   accuracies from the two artifacts' metrics (the job's from GET /jobs/{id}, the CLI's
   from its artifact's metadata, what `piggy-masks inspect` prints), the difference in
-  points;
+  points; and each side's training seconds, wall and CPU seconds, beside the cores the
+  other processes kept busy;
 - /predict's p99 with and without a job running: an open loop at RATE requests a second
   (bench/loadgen.py, latency from each request's schedule) on another task (the bundled
   demo task `mnist`, 64 px), 64 px PNGs, windows of WINDOW_S: without, during (a second
   job, from its first training step; two windows), without again (once that job is
   cancelled); p99 of each side's requests pooled, and the ratio;
-- a zip bomb: a 10 MB zip whose 10 entries (`bomb/N.png`, each 1 MB of random bytes then
-  zeros) expand to 1 GB. `server.jobs.archive.unpack` in this process with the server's
+- a zip bomb: a 10 MB zip whose 10 entries (`bomb/N.png`, each 0.9 MB of random bytes
+  then zeros) expand to 1 GB. `server.jobs.archive.unpack` in this process with the server's
   default limits: the bytes written when it refused (`ExpandedTooLarge.written`); and over
   HTTP: the answer (422 expected), the bytes its message says were written, the most bytes
-  seen under $PIGGY_HOME/jobs while the POST ran (sampled every 20 ms), what is left there.
+  seen under $PIGGY_HOME/jobs while the POST ran (sampled every 20 ms; an entry that is not
+  an image is removed once written, so the disk holds the upload and one entry at most, while
+  the bytes written count every entry), what is left there.
 
 The machine may be shared: each phase records the load average and the cores other
 processes kept busy meanwhile (bench/procs.py's machine-wide CPU less ours).
