@@ -22,6 +22,7 @@ from piggyback_serve.masks import artifact as artifacts
 from piggyback_serve.masks import codec
 from piggyback_serve.server.errors import PayloadTooLarge
 from piggyback_serve.server.preprocess import decode
+from piggyback_serve.server.registry.dir import ID_FILE
 from tests.server.server_support import make_artifact, png, png_header, serving, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -337,11 +338,20 @@ def format_2_cases(good, changed) -> dict[str, tuple[bytes, str]]:
     }
 
 
+def registry_files(folder) -> list[tuple[str, int, bytes]]:
+    """What a folder registry holds but its identity file (made as a server starts)."""
+    return sorted(
+        (p.name, p.stat().st_mtime_ns, p.read_bytes())
+        for p in folder.iterdir()
+        if p.name != ID_FILE
+    )
+
+
 async def test_bad_artifacts_are_422_naming_the_problem_registry_unchanged(
     tmp_path, registry_dir, backbone, reference
 ):
     settings = settings_for(tmp_path, registry_dir, max_artifact_bytes=3 * 1024 * 1024)
-    before = sorted((p.name, p.stat().st_mtime_ns, p.read_bytes()) for p in registry_dir.iterdir())
+    before = registry_files(registry_dir)
     cases = bad_artifacts(backbone)
     async with serving(settings, backbone) as client:
         for case, (data, field) in cases.items():
@@ -358,10 +368,8 @@ async def test_bad_artifacts_are_422_naming_the_problem_registry_unchanged(
             "file: not a safetensors task artifact (the file `piggy-masks train` writes); "
             "this looks like a PNG image (header length 727,905,341,920,923,785 exceeds"
         )
-        after = sorted(
-            (p.name, p.stat().st_mtime_ns, p.read_bytes()) for p in registry_dir.iterdir()
-        )
-        assert after == before  # not a byte written, not even a temp file left
+        # Not a byte written, not even a temp file left.
+        assert registry_files(registry_dir) == before
         assert (await client.get("/tasks/fresh")).status_code == 404
         assert sorted(t["name"] for t in (await client.get("/tasks")).json()["tasks"]) == [
             "alpha",
@@ -385,7 +393,7 @@ NASTY_NAMES = [
 async def test_nasty_task_names_never_reach_the_filesystem(
     tmp_path, registry_dir, backbone, reference
 ):
-    before = sorted(p.name for p in registry_dir.iterdir())
+    before = sorted(name for name, _, _ in registry_files(registry_dir))
     outside = registry_dir.parent
     outside_before = sorted(p.name for p in outside.iterdir())
     async with serving(settings_for(tmp_path, registry_dir), backbone) as client:
@@ -422,8 +430,11 @@ async def test_nasty_task_names_never_reach_the_filesystem(
         generated()
         for name in names:
             await check(name)
-        assert sorted(p.name for p in registry_dir.iterdir()) == before
-        assert sorted(p.name for p in outside.iterdir()) == outside_before
+        assert sorted(name for name, _, _ in registry_files(registry_dir)) == before
+        # PIGGY_HOME is `outside` too: the local copies of the listed tasks, nothing else.
+        assert sorted(p.name for p in outside.iterdir() if p.name != "artifacts") == outside_before
+        copies = {p.name.split(".")[0] for p in (outside / "artifacts").glob("*")}
+        assert copies <= {"alpha", "beta"}, copies
         await still_serves(client, reference)
 
 
