@@ -174,6 +174,12 @@ def test_the_artifact_copy_stays_within_its_budget_least_recently_used_first(tmp
     cache.drop("a")
     assert not (folder / "a.v2.safetensors").exists()
 
+    # A folder that can't be written: nothing kept, and no write tried again for a while.
+    (tmp_path / "file").write_bytes(b"")
+    blocked = ArtifactCache(tmp_path / "file" / "artifacts", budget=250)
+    blocked.put("a", "v1", b"a")
+    assert not blocked.has("a", "v1") and not blocked.room_for(1)
+
     off = ArtifactCache(tmp_path / "off", budget=0)
     off.put("a", "v1", b"a")
     assert not off.has("a", "v1") and not (tmp_path / "off").exists()

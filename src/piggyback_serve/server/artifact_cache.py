@@ -25,6 +25,7 @@ log = logging.getLogger("piggy.serve")
 
 SUFFIX = ".safetensors"
 STALE_S = 600.0  # a temp file older than this is what a crash left
+RETRY_S = 60.0  # after a write failed (disk full, read-only), no copy is tried for this long
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -34,6 +35,7 @@ class ArtifactCache:
         self.budget = budget
         self._files: dict[Path, tuple[int, float]] = {}  # path -> (size, last used)
         self._lock = threading.RLock()  # calls come from the loop and worker threads
+        self._failed_at = -RETRY_S  # monotonic time of the last write that failed
         if budget > 0:
             self._scan()
 
@@ -47,8 +49,11 @@ class ArtifactCache:
             return sum(size for size, _ in self._files.values())
 
     def room_for(self, size: int) -> bool:
-        """Whether `size` more bytes fit without removing anything."""
-        return self.budget > 0 and self.bytes + size <= self.budget
+        """Whether `size` more bytes fit without removing anything (and writes work)."""
+        return self._writable() and self.bytes + size <= self.budget
+
+    def _writable(self) -> bool:
+        return self.budget > 0 and time.monotonic() - self._failed_at >= RETRY_S
 
     def has(self, name: str, version: str) -> bool:
         return self._path(name, version) in self._files
@@ -72,7 +77,7 @@ class ArtifactCache:
         """Keep `data` as `name` at `version` (its other versions go), then remove the least
         recently used copies until the whole fits the budget. Never raises: a copy that
         can't be written is only not there."""
-        if self.budget <= 0 or len(data) > self.budget:
+        if not self._writable() or len(data) > self.budget:
             return
         path = self._path(name, version)
         with self._lock:
@@ -81,8 +86,15 @@ class ArtifactCache:
                 return
         try:
             write_atomic(path, data)
-        except OSError as exc:
-            log.warning("artifact copy of task %s not written: %s", name, exc)
+        except OSError as exc:  # said once a minute at most, as writes pause that long
+            self._failed_at = time.monotonic()
+            log.warning(
+                "artifact copy of task %s not written to %s: %s; none tried for %gs",
+                name,
+                self.folder,
+                exc,
+                RETRY_S,
+            )
             return
         with self._lock:
             self._files[path] = (len(data), time.monotonic())
