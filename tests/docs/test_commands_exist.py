@@ -72,7 +72,7 @@ def test_docs_name_real_commands_and_flags(page: Path):
 
 
 def test_the_check_catches_what_does_not_exist():
-    assert problems("piggy", ["train", "NAME", "FOLDER"]) == ["piggy: no command train"]
+    assert problems("piggy", ["retrain", "NAME", "FOLDER"]) == ["piggy: no command retrain"]
     assert problems("piggy-masks", ["train", "--data", "x", "--gpu"]) == [
         "piggy-masks: no option --gpu"
     ]

@@ -126,6 +126,26 @@ def test_every_route_answers_through_the_proxy_with_the_replica_header(
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
 
 
+def test_a_training_job_runs_as_a_ray_task_and_every_replica_serves_its_task(http):
+    """Under Ray Serve a job trains in a Ray task of its own, not inside a replica."""
+    from tests.server.test_jobs import CLASSES, FAST, colour_png, zipped
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = http.post("/tasks/learned/train", params=FAST, content=zipped(), headers=auth)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    job = eventually(
+        lambda: (j := http.get(f"/jobs/{job_id}").json())["state"] in ("succeeded", "failed") and j,
+        timeout_s=180,
+        step_s=0.5,
+    )[0]
+    assert job["state"] == "succeeded", job
+    assert job["trainer"].startswith("ray task "), job["trainer"]
+    red = colour_png(CLASSES["red"], seed=3)
+    answering(http, "POST", "/predict?task=learned", 200, PROPAGATION_S, content=red, headers=PNG)
+    assert http.delete("/tasks/learned", headers=auth).status_code == 204
+
+
 def test_a_folder_registry_with_replicas_on_a_cluster_is_a_startup_error(tmp_path):
     """Checked before Ray is reached: the address below has no Ray behind it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGGY_")}

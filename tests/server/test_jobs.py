@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import tarfile
 import time
 import zipfile
@@ -184,3 +185,19 @@ async def test_admin_token_guards_training(job_settings):
         assert (await client.delete(f"/jobs/{job_id}")).status_code == 401
         cancelled = await client.delete(f"/jobs/{job_id}", headers=admin)
         assert cancelled.json()["state"] == "cancelled"
+
+
+def test_managers_sharing_a_folder_never_hold_the_same_job(tmp_path):
+    """Two servers on one PIGGY_HOME (two replicas on a host, Ray replicas on a node): a
+    job's lock file lets one run it; the other takes it once the first lets go."""
+    from piggyback_serve.server.jobs.manager import JobManager
+    from piggyback_serve.server.jobs.store import DirJobStore
+    from piggyback_serve.server.metrics import Metrics
+
+    settings = settings_for(tmp_path / "home", tmp_path / "registry")
+    store = DirJobStore(tmp_path / "registry" / "jobs")
+    first, second = (JobManager(settings, store, None, Metrics()) for _ in range(2))
+    (settings.home / "jobs" / ("a" * 32) / "images").mkdir(parents=True)
+    assert first._claim("a" * 32) and not second._claim("a" * 32)
+    os.close(first._claims.pop("a" * 32))  # as a process that dies lets go
+    assert second._claim("a" * 32)

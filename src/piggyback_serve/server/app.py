@@ -19,6 +19,8 @@ from piggyback_serve.server.batcher import Batcher
 from piggyback_serve.server.catalog import Catalog
 from piggyback_serve.server.engine import EnginePool
 from piggyback_serve.server.engine_client import EngineClient
+from piggyback_serve.server.jobs.manager import JobManager
+from piggyback_serve.server.jobs.store import open_job_store
 from piggyback_serve.server.metrics import Metrics, RequestMetrics
 from piggyback_serve.server.registry import REMOTE_SCHEMES, open_registry
 from piggyback_serve.server.replica import ReplicaHeader
@@ -112,6 +114,9 @@ def services_for(
             settings.queue_size,
         )
         svc = Services(settings, metrics, engine, registry, batcher, arena=Arena())
+    svc.jobs = open_job_store(
+        settings.registry_url, settings.redis_prefix, settings.redis_timeout_s
+    )
     metrics.watch(svc.snapshot)
     return svc
 
@@ -127,6 +132,7 @@ async def close(svc: Services) -> None:
         await svc.batcher.close()
     await svc.engine.close()
     await svc.registry.close()
+    await svc.jobs.close()
     if svc.arena is not None:
         svc.arena.close()
 
@@ -173,6 +179,9 @@ async def start(svc: Services) -> None:
         catalog.host.budget // 10**6,
     )
     svc.background.append(asyncio.create_task(catalog.watch()))
+    if svc.remote is None:  # where the engine runs: training jobs too (server/jobs/manager.py)
+        manager = JobManager(svc.settings, svc.jobs, catalog.put, svc.metrics)
+        svc.background.append(asyncio.create_task(manager.run(), name="piggy-jobs"))
 
 
 def host_state_budget(settings: Settings) -> int:

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -79,6 +79,24 @@ class Metrics:
             "piggy_batch_tasks",
             "Distinct tasks per engine batch",
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+
+        self.jobs = Counter(
+            "piggy_jobs", "Training jobs ended on this replica, by state", ["state"], registry=r
+        )
+        for state in ("succeeded", "failed", "cancelled"):
+            self.jobs.labels(state)
+        self.jobs_running = Gauge(
+            "piggy_jobs_running",
+            "Training jobs running on this replica",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.job_seconds = Histogram(
+            "piggy_job_seconds",
+            "Wall time of a training job that succeeded, from its start",
+            buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
             registry=r,
         )
 

@@ -15,6 +15,7 @@ from piggyback_serve.server.engine import EnginePool
 from piggyback_serve.server.engine.tier import TierStats
 from piggyback_serve.server.engine_client import EngineClient
 from piggyback_serve.server.errors import NotReady, Overloaded, TaskNotFound
+from piggyback_serve.server.jobs.store import JobStore
 from piggyback_serve.server.metrics import UNKNOWN_TASK, Metrics, note_task
 from piggyback_serve.server.protocol import PixelRef
 from piggyback_serve.server.registry import Registry
@@ -35,6 +36,8 @@ class Services:
     # is a front end of an engine service (PIGGY_FRONTENDS > 1): the service's client.
     arena: Arena | None = None
     remote: EngineClient | None = None
+    # Training jobs' records, beside the tasks in the registry (server/jobs/store.py).
+    jobs: JobStore | None = None
 
     @property
     def decode_on_device(self) -> bool:

@@ -1,25 +1,28 @@
-"""Runs the training jobs whose images this replica holds, in processes of their own.
+"""Runs the training jobs whose images this replica holds, each in a trainer of its own.
 
-A job is accepted by a route (server/routes/jobs.py): its archive unpacked under
-`home/jobs/<id>/images`, its record `queued` in the job store. The manager runs where the
-engine runs (the single process, or the engine service beside the front ends): it starts
-queued jobs of its folder, up to PIGGY_TRAIN_WORKERS at once, each in a trainer of its
-own (server/jobs/trainers.py: a spawned process, or a Ray task under Ray Serve) with
-PIGGY_TRAIN_THREADS torch threads on the CPU, and writes
-their progress to the store. A trained task goes through the upload path (the catalog's
-`put`: checked, stored in the registry, served by every replica). A cancel asked through
-any replica stops the trainer. Then the job's folder is removed.
+A job is accepted by a route (server/routes/jobs.py): its record `queued` in the job store,
+then its class folders under `home/jobs/<id>/images`. The manager runs where the engine
+runs (the single process, or the engine service beside the front ends). It claims the jobs
+of its folder (a lock file in each job's folder, which the system lets go of when the
+process dies, so that managers sharing a folder never run a job twice), starts queued ones
+up to PIGGY_TRAIN_WORKERS at once, each in a trainer (server/jobs/trainers.py: a spawned
+process, or a Ray task under Ray Serve) with PIGGY_TRAIN_THREADS torch threads on the CPU,
+and writes their progress to the store. A trained task goes through the upload path (the
+catalog's `put`: checked, stored in the registry, served by every replica). A cancel asked
+through any replica stops the trainer. Then the job's folder is removed.
 
-At start it takes back what a restart interrupted: a job `running` or `queued` in its
-folder is queued again and resumes from its last epoch's checkpoint (masks/train.py); one
-whose images are gone fails saying so. A job of another replica that has not been heard of
-for `STALE_S` fails too, so that no job stays `running` for ever.
+A job it claims that was left `running` (its server restarted, its replica replaced) is
+queued again and resumes from its last epoch's checkpoint (masks/train.py). A job on
+nobody's disk here whose record nobody touched for `STALE_S` fails saying so (its replica
+is gone, or its images are), so that no job stays `running` for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import shutil
 import socket
 import time
@@ -81,14 +84,14 @@ class JobManager:
         self.store_task = store_task  # the catalog's put: the upload path
         self.root = jobs_folder(settings)
         self.running: dict[str, Running] = {}
+        self._claims: dict[str, int] = {}  # job id -> the open lock file that makes it ours
         self._beat_at = 0.0
         self._stale_at = 0.0
 
     # The loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever (the app's background task): take back interrupted jobs, then tick."""
-        await self._guarded(self.recover())
+        """Forever (the app's background task)."""
         try:
             while True:
                 await self._guarded(self.tick())
@@ -96,6 +99,9 @@ class JobManager:
         finally:
             for run in self.running.values():  # the server stops: jobs resume at its return
                 run.trainer.stop()
+            for fd in self._claims.values():  # theirs to take, whoever runs next
+                os.close(fd)
+            self._claims.clear()
 
     async def _guarded(self, step: Awaitable[None]) -> None:
         try:
@@ -106,6 +112,7 @@ class JobManager:
             log.exception("training jobs: unexpected error")
 
     async def tick(self) -> None:
+        await self.adopt()
         for job_id in list(self.running):
             await self._follow(self.running[job_id])
         await self._start_queued()
@@ -124,41 +131,50 @@ class JobManager:
             return set()
         return {p.name for p in self.root.iterdir() if (p / "images").is_dir()}
 
-    async def _local_jobs(self) -> list[Job]:
-        local = self._local_ids()
-        return [j for j in await self.store.list() if j.id in local]
-
-    async def recover(self) -> None:
-        """Jobs of this folder left `running` by a process that is gone: queued again."""
-        local = self._local_ids()
+    async def adopt(self) -> None:
+        """Claim the jobs of our folder nobody holds: new ones, and those whose manager is
+        gone (a restart, a replica replaced). One left `running` was interrupted: it is
+        queued again and resumes from its checkpoint."""
+        local = self._local_ids() - set(self._claims)
+        if not local:
+            return
         known = {j.id: j for j in await self.store.list()}
-        for job_id in local - set(known):  # a record dropped (or never written): orphan
-            self._remove_folder(job_id)
-        for job in known.values():
-            if job.id not in local:
-                if job.state == "running" and job.replica == replica_name():
-                    await self._save(
-                        job,
-                        state="failed",
-                        finished=now(),
-                        error=JobError(
-                            code="interrupted",
-                            message="the server restarted while this job ran and its images are "
-                            "gone from its folder: submit it again",
-                        ),
-                    )
-                continue
-            if job.done:
-                self._remove_folder(job.id)
+        for job_id in local:
+            if not self._claim(job_id):
+                continue  # another manager sharing this folder holds it
+            job = known.get(job_id)
+            if job is None or job.done:  # ended, or its record dropped: nothing to run
+                self._release(job_id)
             elif job.state == "running":
                 log.info("job %s (task %s) resumes after a restart", job.id, job.task)
                 await self._save(job, state="queued")
+
+    def _claim(self, job_id: str) -> bool:
+        """Hold the job's lock file (released by the system if this process dies)."""
+        fd = os.open(self.root / job_id / "claim", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._claims[job_id] = fd
+        return True
+
+    def _release(self, job_id: str) -> None:
+        """Remove the job's folder (its images, checkpoint), then let go of its lock."""
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        fd = self._claims.pop(job_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    async def _ours(self) -> list[Job]:
+        return [j for j in await self.store.list() if j.id in self._claims]
 
     async def _start_queued(self) -> None:
         free = self.settings.train_workers - len(self.running)
         if free <= 0:
             return
-        queued = [j for j in await self._local_jobs() if j.state == "queued"]
+        queued = [j for j in await self._ours() if j.state == "queued"]
         for job in sorted(queued, key=lambda j: j.created):
             if job.id in self.running:
                 continue
@@ -285,7 +301,7 @@ class JobManager:
         self.metrics.jobs.labels(job.state).inc()
         self.metrics.jobs_running.set(len(self.running))
 
-        self._remove_folder(job.id)
+        self._release(job.id)
         await prune(self.store)
 
     async def _save(self, job: Job, **changes) -> Job:
@@ -297,7 +313,7 @@ class JobManager:
 
     async def _heartbeat(self) -> None:
         """Touch our queued jobs' records (running ones are touched by their progress)."""
-        for job in await self._local_jobs():
+        for job in await self._ours():
             if job.id in self.running:
                 run = self.running[job.id]
                 run.job = await self._save(run.job)
@@ -320,6 +336,3 @@ class JobManager:
                     finished=now(),
                     error=JobError(code="replica_lost", message=message),
                 )
-
-    def _remove_folder(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)

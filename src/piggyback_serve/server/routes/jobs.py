@@ -43,10 +43,8 @@ ARCHIVE_BODY = {
         "required": True,
         "description": "a zip, tar or tar.gz of one folder of images per class (at its root "
         "or inside one top folder), as torchvision's ImageFolder reads",
-        "content": {
-            kind: {"schema": {"type": "string", "format": "binary"}}
-            for kind in ("application/zip", "application/x-tar", "application/gzip")
-        },
+        # Any content type: the format is read from the bytes (zip, tar, tar.gz).
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
 
@@ -80,19 +78,19 @@ async def train_task(
     _check_length(request, settings.max_archive_bytes)
     job = Job.new(name, options, JobData(classes=[], images=0), replica_name())
     into = images_folder(settings, job.id)
+    unpacked = into.parent / "unpacked"
     try:
-        folder = await _unpack(request, into, archive.ArchiveLimits.of(settings))
-        job = job.model_copy(
-            update={
-                "data": JobData(
-                    classes=folder.classes, images=folder.images, skipped=folder.skipped
-                )
-            }
-        )
+        folder = await _unpack(request, unpacked, archive.ArchiveLimits.of(settings))
+        data = JobData(classes=folder.classes, images=folder.images, skipped=folder.skipped)
+        job = job.model_copy(update={"data": data})
         await _stored(svc.jobs.put(job))
+        # Last: the images in place make the job its replica's to run (server/jobs/manager.py).
+        await asyncio.to_thread(folder.root.rename, into)
     except BaseException:
         shutil.rmtree(into.parent, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
     return JSONResponse(
         job.model_dump(mode="json"), status_code=202, headers={"Location": f"/jobs/{job.id}"}
     )
@@ -107,20 +105,16 @@ def _check_length(request: Request, limit: int) -> None:
         )
 
 
-async def _unpack(request: Request, into, limits: archive.ArchiveLimits) -> archive.ImageFolder:
-    """The body streamed to the job's folder under the size limit, then unpacked beside it
-    and checked; the class folders are left at `into`."""
-    job_folder = into.parent
-    job_folder.mkdir(parents=True, exist_ok=True)
-    upload, unpacked = job_folder / "upload", job_folder / "unpacked"
+async def _unpack(request: Request, unpacked, limits: archive.ArchiveLimits) -> archive.ImageFolder:
+    """The body streamed into the job's folder under the size limit, then unpacked and
+    checked into `unpacked`."""
+    unpacked.parent.mkdir(parents=True, exist_ok=True)
+    upload = unpacked.parent / "upload"
     try:
         await archive.receive(request.stream(), upload, limits.max_bytes)
-        folder = await asyncio.to_thread(archive.unpack, upload, unpacked, limits)
-        await asyncio.to_thread(folder.root.rename, into)
+        return await asyncio.to_thread(archive.unpack, upload, unpacked, limits)
     finally:
         upload.unlink(missing_ok=True)
-        shutil.rmtree(unpacked, ignore_errors=True)
-    return folder
 
 
 async def _stored(write):
