@@ -130,6 +130,7 @@ class Job:
     data: dict = field(default_factory=dict)  # what the archive held: classes, images, skipped
     replica: str = ""  # the server replica that holds the job's images and trains it
     updated: float | None = None  # Unix time of the last word from that replica
+    trainer: str | None = None  # where it trains: "process 1234", "ray task 5e0c..."
     _client: Any = field(default=None, repr=False, compare=False)
 
     @property

@@ -238,23 +238,18 @@ class RedisJobStore:
                     del self._waiters[job_id]
 
     async def _listen(self) -> None:
-        from redis.exceptions import RedisError
+        from piggyback_serve.server.registry.redis import listen
 
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=self.timeout_s)
-                    if message is not None:
-                        for event in self._waiters.get(message["data"].decode(), ()):
-                            event.set()
-            except (RedisError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(POLL_S)
+        await listen(self._client, self.channel, self.timeout_s, self._heard)
+
+    def _heard(self, job_id: bytes | None) -> None:
+        """Wake who waits on that job; everyone when notices may have been missed."""
+        if job_id is None:
+            waiting = [e for events in self._waiters.values() for e in events]
+        else:
+            waiting = self._waiters.get(job_id.decode(), ())
+        for event in waiting:
+            event.set()
 
     async def close(self) -> None:
         if self._listener is not None:

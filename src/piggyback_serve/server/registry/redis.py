@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -200,24 +201,7 @@ class RedisRegistry:
         return seq != self._listed_seq
 
     async def _listen(self) -> None:
-        """Hold a subscription to the events channel, re-subscribing whenever it drops."""
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                # Anything may have changed while we were not listening.
-                self._changed.set()
-                while True:
-                    message = await pubsub.get_message(timeout=self.timeout_s)
-                    if message is not None:
-                        self._changed.set()
-            except (RedisError, OSError) as exc:
-                log.debug("redis events: %s", exc)
-                self._changed.set()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(RESUBSCRIBE_S)
+        await listen(self._client, self.channel, self.timeout_s, lambda _: self._changed.set())
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -225,3 +209,27 @@ class RedisRegistry:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
         await self._client.aclose()
+
+
+async def listen(
+    client: aioredis.Redis, channel: str, timeout_s: float, heard: Callable[[bytes | None], None]
+) -> None:
+    """Hold a subscription to `channel` for ever, subscribing again whenever it drops:
+    `heard` gets each message's data, and None whenever messages may have been missed (at
+    every subscription: anything may have changed while nobody listened)."""
+    while True:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            heard(None)
+            while True:
+                message = await pubsub.get_message(timeout=timeout_s)
+                if message is not None:
+                    heard(message["data"])
+        except (RedisError, OSError) as exc:
+            log.debug("redis %s: %s", channel, exc)
+            heard(None)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        await asyncio.sleep(RESUBSCRIBE_S)
