@@ -201,3 +201,26 @@ def test_managers_sharing_a_folder_never_hold_the_same_job(tmp_path):
     assert first._claim("a" * 32) and not second._claim("a" * 32)
     os.close(first._claims.pop("a" * 32))  # as a process that dies lets go
     assert second._claim("a" * 32)
+
+
+async def test_a_job_whose_replica_went_silent_fails_saying_so(tmp_path):
+    """No job stays `running` for ever: one on no disk here, untouched for a minute, fails."""
+    from piggyback_serve.server.jobs.manager import STALE_S, JobManager
+    from piggyback_serve.server.jobs.model import Job, JobData, TrainOptions
+    from piggyback_serve.server.jobs.store import DirJobStore
+    from piggyback_serve.server.metrics import Metrics
+
+    settings = settings_for(tmp_path / "home", tmp_path / "registry")
+    store = DirJobStore(tmp_path / "registry" / "jobs")
+    data = JobData(classes=["a", "b"], images=4)
+    gone = Job.new("t", TrainOptions(), data, "gone-host").model_copy(
+        update={"state": "running", "updated": time.time() - STALE_S - 1}
+    )
+    alive = Job.new("u", TrainOptions(), data, "other-host").model_copy(update={"state": "running"})
+    await store.put(gone)
+    await store.put(alive)
+    await JobManager(settings, store, None, Metrics()).tick()
+    failed = await store.get(gone.id)
+    assert failed.state == "failed" and failed.finished
+    assert failed.error.code == "replica_lost" and "gone-host" in failed.error.message
+    assert (await store.get(alive.id)).state == "running"  # heard from recently: left alone
