@@ -47,6 +47,7 @@ def job_json(state: str = "queued", step: int = 0, **extra) -> dict:
         "data": {"classes": ["a", "b"], "images": 8, "skipped": 0},
         "replica": "host:1",
         "updated": 1.5,
+        "trainer": None if state == "queued" else "process 1234",
     }
     if step:
         data["progress"]["loss"] = 1.0 / step

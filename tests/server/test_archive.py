@@ -110,7 +110,7 @@ def test_good_archive_becomes_a_folder_per_class(tmp_path, fmt, prefix):
 
 def test_non_images_hidden_files_and_loose_images_are_skipped_and_counted(tmp_path):
     entries = two_classes("top/") | {
-        "top/cat/notes.txt": b"not an image",
+        "top/cat/notes.csv": b"not an image",
         "top/dog/fake.png": b"not a png at all",  # image suffix, but Pillow can't identify it
         "top/dog/.DS_Store": b"\0\0\0\1Bud1",
         "top/.hidden/1.png": png(),
@@ -270,7 +270,7 @@ def test_tar_gz_that_expands_into_skipped_entries_is_stopped_too(tmp_path):
 
 @pytest.mark.parametrize("fmt", MAKERS)
 def test_too_many_entries_are_refused(tmp_path, fmt):
-    entries = two_classes() | {f"cat/extra{i}.txt": b"x" for i in range(5)}  # 11 entries
+    entries = two_classes() | {f"cat/extra{i}.csv": b"x" for i in range(5)}  # 11 entries
     archive = MAKERS[fmt](tmp_path / "a.bin", entries)
     limits = ArchiveLimits(**{**LIMITS.__dict__, "max_files": 10})
     error = refused(archive, tmp_path / "out", limits)
@@ -281,7 +281,7 @@ def test_too_many_entries_are_refused(tmp_path, fmt):
 def test_zip_entry_count_is_checked_before_zipfile_reads_the_entries(tmp_path, monkeypatch):
     # A zip's central directory is read whole by ZipFile: millions of entries would take
     # gigabytes of memory. The count its end record declares is checked first.
-    entries = two_classes() | {f"cat/extra{i}.txt": b"x" for i in range(5)}
+    entries = two_classes() | {f"cat/extra{i}.csv": b"x" for i in range(5)}
     archive = make_zip(tmp_path / "a.zip", entries)
 
     def no_zipfile(*args, **kwargs):
@@ -311,7 +311,7 @@ def test_an_image_over_pillows_own_limit_is_refused(tmp_path, monkeypatch):
 
 
 def test_fewer_than_two_classes_is_refused(tmp_path):
-    entries = {f"cat/{i}.png": png() for i in range(3)} | {"dog/notes.txt": b"no images"}
+    entries = {f"cat/{i}.png": png() for i in range(3)} | {"dog/notes.csv": b"no images"}
     error = refused(make_zip(tmp_path / "a.zip", entries), tmp_path / "out")
     assert "at least two class folders" in error.message and "'cat' (3)" in error.message
 
@@ -323,7 +323,7 @@ def test_images_at_the_root_only_are_refused(tmp_path):
 
 
 def test_a_class_under_the_minimum_is_named(tmp_path):
-    entries = two_classes() | {"bird/0.png": png(), "fish/0.png": png(), "fish/1.txt": b""}
+    entries = two_classes() | {"bird/0.png": png(), "fish/0.png": png(), "fish/1.csv": b""}
     limits = ArchiveLimits(**{**LIMITS.__dict__, "min_class_images": 2})
     error = refused(make_zip(tmp_path / "a.zip", entries), tmp_path / "out", limits)
     assert "'bird' (1), 'fish' (1)" in error.message and "'cat'" not in error.message
@@ -332,11 +332,11 @@ def test_a_class_under_the_minimum_is_named(tmp_path):
 
 def test_into_must_be_empty(tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+    (tmp_path / "out" / "keep.csv").write_text("mine")
     archive = make_zip(tmp_path / "a.zip", two_classes())
     with pytest.raises(ValueError, match="not empty"):
         unpack(archive, tmp_path / "out", LIMITS)
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "out" / "keep.csv").read_text() == "mine"
 
 
 def test_limits_of_settings():

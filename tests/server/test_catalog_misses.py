@@ -31,7 +31,10 @@ async def test_a_burst_of_unknown_names_rescans_the_registry_once_at_most(
     tmp_path, registry_dir, backbone
 ):
     rescan_s = 2.0
-    settings = settings_for(tmp_path, registry_dir, registry_rescan_s=rescan_s)
+    # No local artifact copies: their filling reads each task once, misses or not.
+    settings = settings_for(
+        tmp_path, registry_dir, registry_rescan_s=rescan_s, artifact_cache_bytes=0
+    )
     async with serving(settings, backbone) as client:
         registry = client.app.state.services.registry
         lists = count_calls(registry, "list")
