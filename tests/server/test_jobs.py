@@ -124,12 +124,19 @@ async def test_cancel_stops_the_trainer(job_settings):
         while (await client.get(f"/jobs/{job['id']}")).json()["progress"]["step"] < 1:
             assert time.monotonic() < deadline, "the job never started"
             await asyncio.sleep(0.2)
+        # One trainer (PIGGY_TRAIN_WORKERS=1): a second job waits queued, and is cancelled
+        # there at once.
+        waiting = (await client.post("/tasks/later/train", params=long, content=tar_gz())).json()
+        await asyncio.sleep(0.5)
+        assert (await client.get(f"/jobs/{waiting['id']}")).json()["state"] == "queued"
+        cancelled = await client.delete(f"/jobs/{waiting['id']}")
+        assert cancelled.json()["state"] == "cancelled" and cancelled.json()["started"] is None
         cancelled = await client.delete(f"/jobs/{job['id']}")
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
         assert (await client.delete(f"/jobs/{job['id']}")).status_code == 409
         assert (await client.get("/tasks/forever")).status_code == 404
         text = (await client.get("/metrics")).text
-        assert metric(text, "piggy_jobs_total", state="cancelled") == 1
+        assert metric(text, "piggy_jobs_total", state="cancelled") == 2
 
 
 async def test_a_job_interrupted_by_a_restart_resumes(job_settings):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from piggyback_serve.masks.artifact import write_atomic
+from piggyback_serve.masks.errors import ArtifactError
 from piggyback_serve.server.errors import ServeError
 from piggyback_serve.server.jobs import runner
 from piggyback_serve.server.jobs.model import Job, JobError, JobResult, Progress, now
@@ -168,23 +169,22 @@ class JobManager:
             os.close(fd)
 
     async def _ours(self) -> list[Job]:
-        return [j for j in await self.store.list() if j.id in self._claims]
+        """The records of the jobs we hold (read one by one: the store keeps many more)."""
+        found = [await self.store.get(job_id) for job_id in list(self._claims)]
+        return [job for job in found if job is not None]
 
     async def _start_queued(self) -> None:
-        free = self.settings.train_workers - len(self.running)
-        if free <= 0:
-            return
-        queued = [j for j in await self._ours() if j.state == "queued"]
+        """Start the oldest queued jobs while trainers are free; end those cancelled. One
+        of ours `running` with no trainer here lost it (its end could not be written: the
+        store was down) and starts again, from its checkpoint."""
+        waiting = ("queued", "running")
+        ours = await self._ours()
+        queued = [j for j in ours if j.state in waiting and j.id not in self.running]
         for job in sorted(queued, key=lambda j: j.created):
-            if job.id in self.running:
-                continue
             if await self.store.cancel_asked(job.id):
                 await self._end(job, state="cancelled")
-                continue
-            if free == 0:
-                break
-            free -= 1
-            await self._start(job)
+            elif len(self.running) < self.settings.train_workers:
+                await self._start(job)
 
     async def _start(self, job: Job) -> None:
         folder = self.root / job.id
@@ -274,10 +274,9 @@ class JobManager:
             return
         try:
             await self.store_task(job.task, outcome.artifact)
-        except ServeError as exc:  # invalid (backbone replaced meanwhile?), storage, outage
-            error = JobError(
-                code=exc.code, message=f"the task was learned but not stored: {exc.message}"
-            )
+        except (ServeError, ArtifactError) as exc:  # storage, outage; invalid (a new backbone?)
+            code = getattr(exc, "code", "invalid_artifact")
+            error = JobError(code=code, message=f"the task was learned but not stored: {exc}")
             await self._end(job, state="failed", error=error)
             return
         result = JobResult(
@@ -300,7 +299,6 @@ class JobManager:
         job = await self._save(job, finished=now(), **changes)
         self.metrics.jobs.labels(job.state).inc()
         self.metrics.jobs_running.set(len(self.running))
-
         self._release(job.id)
         await prune(self.store)
 
