@@ -231,3 +231,25 @@ async def test_a_job_whose_replica_went_silent_fails_saying_so(tmp_path):
     assert failed.state == "failed" and failed.finished
     assert failed.error.code == "replica_lost" and "gone-host" in failed.error.message
     assert (await store.get(alive.id)).state == "running"  # heard from recently: left alone
+
+
+async def test_a_full_disk_while_unpacking_is_a_507_and_leaves_nothing(job_settings):
+    from tests.server.test_storage_faults import small_tmpfs
+
+    settings = job_settings()
+    settings.home.mkdir(parents=True)
+    empty = settings.home / "empty"
+    empty.write_bytes(b"")
+    with small_tmpfs(settings.home / "jobs", empty) as jobs:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as archive:  # stored: the bytes as they will unpack
+            for c, (name, rgb) in enumerate(CLASSES.items()):
+                for i in range(4):
+                    archive.writestr(f"{name}/{i}.png", colour_png(rgb, seed=c * 10 + i, size=160))
+        assert len(buf.getvalue()) > 300 * 1024  # more than the tmpfs holds
+        async with serving(settings) as client:
+            answer = await client.post("/tasks/full/train", content=buf.getvalue())
+            assert answer.status_code == 507, answer.text
+            assert answer.json()["error"]["code"] == "insufficient_storage"
+            assert (await client.get("/jobs")).json() == {"jobs": []}
+            assert [p.name for p in jobs.iterdir()] == ["empty"]  # nothing left behind

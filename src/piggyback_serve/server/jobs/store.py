@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import re
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +22,7 @@ from typing import Protocol
 from piggyback_serve.masks.artifact import write_atomic
 from piggyback_serve.server.jobs.model import Job
 from piggyback_serve.server.registry import REMOTE_SCHEMES, RegistryError, StorageError
+from piggyback_serve.server.registry.base import STORAGE_ERRNOS
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 POLL_S = 0.25  # how often a folder is looked at again for a change
@@ -70,10 +70,6 @@ async def prune(store: JobStore) -> None:
         await store.drop(job.id)
 
 
-_STORAGE_ERRNOS = {errno.ENOSPC: "no_space", errno.EDQUOT: "quota", errno.EROFS: "read_only"}
-_STORAGE_ERRNOS |= {errno.EACCES: "permission", errno.EPERM: "permission"}
-
-
 class DirJobStore:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -85,7 +81,7 @@ class DirJobStore:
         return self.folder / f"{job_id}{suffix}"
 
     def _error(self, exc: OSError) -> RegistryError:
-        reason = _STORAGE_ERRNOS.get(exc.errno)
+        reason = STORAGE_ERRNOS.get(exc.errno)
         if reason is not None:
             return StorageError(self.url, reason, str(exc))
         return RegistryError(f"{self.url}: {exc}")

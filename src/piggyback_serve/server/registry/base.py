@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +32,16 @@ STORAGE_ADVICE = {
     "read_only": "mount it read-write",
     "permission": "let the server's user write to it (owner, mode)",
     "out_of_memory": "raise Redis maxmemory (CONFIG SET maxmemory) or free memory there",
+}
+
+
+# OSError numbers that say a folder can't take a write (not that it is unreachable): a 507.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "quota",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
 }
 
 

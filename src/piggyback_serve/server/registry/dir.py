@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from piggyback_serve.masks.artifact import write_atomic
 from piggyback_serve.server.registry.base import (
+    STORAGE_ERRNOS,
     Entry,
     RegistryError,
     StorageError,
@@ -41,15 +41,6 @@ ID_FILE = ".piggy-registry-id"  # a dot first: never listed as a task
 STALE_S = 600.0
 _TEMP = re.compile(r"^\.(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.safetensors\.(?P<rest>.+)\.tmp$")
 _WRITER = re.compile(r"^(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[^.]+$")
-
-# Errors that say the folder can't take the write (not that it is unreachable): a 507.
-_STORAGE_ERRNOS = {
-    errno.ENOSPC: "no_space",
-    errno.EDQUOT: "quota",
-    errno.EROFS: "read_only",
-    errno.EACCES: "permission",
-    errno.EPERM: "permission",
-}
 
 
 def _entry(name: str, stat: os.stat_result) -> Entry:
@@ -155,7 +146,7 @@ class DirRegistry:
                 os.unlink(tmp)
             return self._read_id(file)
         except OSError as exc:
-            if exc.errno not in _STORAGE_ERRNOS:
+            if exc.errno not in STORAGE_ERRNOS:
                 raise RegistryError(f"{self.url}: {exc}") from exc
             try:
                 stat = self.path.stat()
@@ -268,7 +259,7 @@ class DirRegistry:
     def _error(self, exc: OSError) -> RegistryError:
         """StorageError when the folder refuses the write (full, read-only...), else a
         RegistryError (an outage: the folder's disk gone, say)."""
-        reason = _STORAGE_ERRNOS.get(exc.errno)
+        reason = STORAGE_ERRNOS.get(exc.errno)
         detail = exc.strerror or str(exc)
         if reason is not None:
             return StorageError(self.url, reason, detail)

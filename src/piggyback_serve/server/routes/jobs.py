@@ -30,6 +30,7 @@ from piggyback_serve.server.jobs.manager import images_folder, replica_name
 from piggyback_serve.server.jobs.model import Job, JobData, JobList, TrainOptions
 from piggyback_serve.server.jobs.store import JobStore, valid_id
 from piggyback_serve.server.registry import RegistryError, StorageError
+from piggyback_serve.server.registry.base import STORAGE_ADVICE, STORAGE_ERRNOS
 from piggyback_serve.server.routes.tasks import TaskName, _checked
 from piggyback_serve.server.state import ServicesDep
 
@@ -113,6 +114,15 @@ async def _unpack(request: Request, unpacked, limits: archive.ArchiveLimits) -> 
     try:
         await archive.receive(request.stream(), upload, limits.max_bytes)
         return await asyncio.to_thread(archive.unpack, upload, unpacked, limits)
+    except OSError as exc:
+        reason = STORAGE_ERRNOS.get(exc.errno)
+        if reason is None:
+            raise
+        raise InsufficientStorage(
+            f"cannot unpack the archive under {unpacked.parent.parent}: {exc.strerror}; "
+            f"{STORAGE_ADVICE[reason]}",
+            reason,
+        ) from None
     finally:
         upload.unlink(missing_ok=True)
 
