@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from piggyback_serve.client import errors as client_errors
-from piggyback_serve.server.catalog import _insufficient
+from piggyback_serve.server.catalog import insufficient
 from piggyback_serve.server.errors import InsufficientStorage, rebuilt
 from piggyback_serve.server.registry import StorageError
 from piggyback_serve.server.registry.dir import ID_FILE
@@ -132,7 +132,7 @@ def test_the_connection_stays_usable_after_a_507(tmp_path, task_files, frontends
 def test_the_reason_crosses_from_the_engine_service():
     """A front end rebuilds the service's 507 with its reason (errors.rebuilt)."""
     cause = StorageError("dir:/srv/tasks", "read_only", "Read-only file system")
-    sent = _insufficient(cause, "cannot store task 'x'")
+    sent = insufficient(cause, "cannot store task 'x'")
     again = rebuilt(sent.status, sent.code, sent.message, sent.headers, sent.reason)
     assert isinstance(again, InsufficientStorage) and again.reason == "read_only"
     assert again.status == 507 and again.message == sent.message

@@ -396,7 +396,7 @@ class Catalog:
             try:
                 entry = await self.registry.put(name, data)
             except StorageError as exc:  # what was stored before stays served
-                raise _insufficient(exc, f"cannot store task {name!r}") from exc
+                raise insufficient(exc, f"cannot store task {name!r}") from exc
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             task = Task(name, entry.version, entry.size, art)
@@ -417,7 +417,7 @@ class Catalog:
             try:
                 removed = await self.registry.delete(name)
             except StorageError as exc:
-                raise _insufficient(exc, f"cannot delete task {name!r}") from exc
+                raise insufficient(exc, f"cannot delete task {name!r}") from exc
             except RegistryError as exc:
                 raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
             removed = removed or name in self.held  # served here, though not there
@@ -450,7 +450,7 @@ class Catalog:
                     failed[name] = f"local copy unreadable: {exc}"
                 except StorageError as exc:
                     done = f" ({len(restored)} restored before)" if restored else ""
-                    raise _insufficient(exc, f"cannot restore task {name!r}{done}") from exc
+                    raise insufficient(exc, f"cannot restore task {name!r}{done}") from exc
                 except RegistryError as exc:
                     raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
         if restored:
@@ -511,7 +511,7 @@ class Catalog:
                 await asyncio.gather(task, return_exceptions=True)
 
 
-def _insufficient(exc: StorageError, what: str) -> InsufficientStorage:
+def insufficient(exc: StorageError, what: str) -> InsufficientStorage:
     """The 507: which registry, what failed, and what to do."""
     return InsufficientStorage(f"registry {exc.url} {what}: {exc.detail}; {exc.advice}", exc.reason)
 

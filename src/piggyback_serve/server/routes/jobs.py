@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from piggyback_serve.masks.artifact import check_description
 from piggyback_serve.masks.errors import ArtifactError
 from piggyback_serve.server.auth import require_admin
+from piggyback_serve.server.catalog import insufficient
 from piggyback_serve.server.errors import (
     BadRequest,
     InsufficientStorage,
@@ -28,7 +29,7 @@ from piggyback_serve.server.errors import (
 from piggyback_serve.server.jobs import archive
 from piggyback_serve.server.jobs.manager import images_folder, replica_name
 from piggyback_serve.server.jobs.model import Job, JobData, JobList, TrainOptions
-from piggyback_serve.server.jobs.store import JobStore, valid_id
+from piggyback_serve.server.jobs.store import JobStore
 from piggyback_serve.server.registry import RegistryError, StorageError
 from piggyback_serve.server.registry.base import STORAGE_ADVICE, STORAGE_ERRNOS
 from piggyback_serve.server.routes.tasks import TaskName, _checked
@@ -132,15 +133,13 @@ async def _stored(write):
     try:
         return await write
     except StorageError as exc:
-        raise InsufficientStorage(
-            f"registry {exc.url} cannot store the job: {exc.detail}; {exc.advice}", exc.reason
-        ) from exc
+        raise insufficient(exc, "cannot store the job") from exc
     except RegistryError as exc:
         raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
 
 
 async def _job(store: JobStore, job_id: str) -> Job:
-    job = await _stored(store.get(job_id)) if valid_id(job_id) else None
+    job = await _stored(store.get(job_id))  # None for an id that is no job's, too
     if job is None:
         raise JobNotFound(f"no job {job_id!r} (GET /jobs lists them)")
     return job
